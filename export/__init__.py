@@ -1,0 +1,1 @@
+"""Export: each graph to ONNX, quantization, TensorRT plans and the engine folder's manifest."""
