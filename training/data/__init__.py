@@ -1,0 +1,1 @@
+"""Training data: the procedural shapes world (images, canonical captions, understanding Q&A)."""

@@ -1,0 +1,1 @@
+"""Evaluation on the shapes world: palette detector, mini-GenEval, understanding exact match."""
