@@ -1,0 +1,173 @@
+"""The graphs of a BLIP3-o engine folder and their specs, from plain model dimensions.
+
+| graph         | computes                                                     | used for      |
+|---------------|--------------------------------------------------------------|---------------|
+| `vision`      | Qwen2.5-VL ViT on window-ordered patches -> merged embeds    | understanding |
+| `prefill`     | text decoder over input embeddings -> hidden, logits, KV     | both          |
+| `decode`      | one token's embedding + past KV -> logits, KV                | understanding |
+| `dit`         | NextDiT velocity on the CFG batch                            | generation    |
+| `dit_step`    | CFG batch + DiT + guidance + flow Euler update, fused        | generation    |
+| `unet`        | decoder UNet epsilon on the CFG batch                        | generation    |
+| `unet_step`   | scale + CFG batch + UNet + guidance + Euler update, fused     | generation    |
+| `vae_decoder` | latents -> images in [0, 1]                                  | generation    |
+
+Token embedding lookups and M-RoPE / vision-grid metadata stay on the host (numpy). The specs
+are built by the exporter from the model config and stored in the engine folder's manifest; the
+runtime reads them back from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.spec import Dim, GraphSpec, TensorSpec
+
+GRAPHS = ("vision", "prefill", "decode", "dit", "dit_step", "unet", "unet_step", "vae_decoder")
+GENERATION_GRAPHS = ("prefill", "dit_step", "unet_step", "vae_decoder")
+UNDERSTANDING_GRAPHS = ("vision", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class GraphDims:
+    """Plain model dimensions and profile limits the graph specs depend on."""
+
+    hidden: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    patch_dim: int  # 3 * temporal_patch * patch * patch
+    merge_unit: int  # spatial_merge ** 2
+    min_patches: int
+    max_patches: int
+    opt_patches: int
+    n_query: int
+    feature_width: int
+    feature_side: int
+    latent_channels: int
+    latent_size: int
+    image_size: int
+    max_prompt: int  # longest prefill (prompt + image tokens + queries)
+    max_seq: int  # longest KV cache (prefill + generated tokens)
+    max_images: int = 4
+    opt_prompt: int = 128
+
+
+def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
+    """All graph specs of a variant, keyed by graph name (in `GRAPHS` order)."""
+    F = "float"
+    images = Dim("batch", 1, 1, d.max_images)
+    cfg_batch = Dim("cfg_batch", 2, 2, 2 * d.max_images)
+    patches = Dim("patches", d.min_patches, d.opt_patches, d.max_patches)
+    merged = Dim(
+        "merged",
+        d.min_patches // d.merge_unit,
+        d.opt_patches // d.merge_unit,
+        d.max_patches // d.merge_unit,
+    )
+    seq = Dim("seq", 1, d.opt_prompt, d.max_prompt)
+    past = Dim("past", 1, d.opt_prompt, d.max_seq - 1)
+    text_batch = Dim("text_batch", 1, 1, d.max_images)
+    kv = (d.num_layers, "text_batch", d.num_kv_heads)
+    c, s = d.feature_width, d.feature_side
+    lc, ls = d.latent_channels, d.latent_size
+    one = (1,)
+    specs = [
+        GraphSpec(
+            "vision",
+            inputs=(
+                TensorSpec("pixel_values", F, ("patches", d.patch_dim)),
+                TensorSpec("rotary_pos_ids", "int64", ("patches", 2), low=0, high=d.max_patches),
+                TensorSpec("full_segments", "int64", ("patches",), low=0, high=d.max_patches),
+                TensorSpec("window_segments", "int64", ("patches",), low=0, high=d.max_patches),
+                TensorSpec("reverse_index", "int64", ("merged",), low=0, high=d.max_patches),
+            ),
+            outputs=(TensorSpec("image_embeds", F, ("merged", d.hidden)),),
+            dims=(patches, merged),
+        ),
+        GraphSpec(
+            "prefill",
+            inputs=(
+                TensorSpec("inputs_embeds", F, ("text_batch", "seq", d.hidden)),
+                TensorSpec(
+                    "position_ids", "int64", (3, "text_batch", "seq"), low=0, high=d.max_seq
+                ),
+            ),
+            outputs=(
+                TensorSpec("hidden_states", F, ("text_batch", "seq", d.hidden)),
+                TensorSpec("logits", F, ("text_batch", d.vocab_size)),
+                TensorSpec("present_keys", F, (*kv, "seq", d.head_dim)),
+                TensorSpec("present_values", F, (*kv, "seq", d.head_dim)),
+            ),
+            dims=(text_batch, seq),
+        ),
+        GraphSpec(
+            "decode",
+            inputs=(
+                TensorSpec("inputs_embeds", F, ("text_batch", 1, d.hidden)),
+                TensorSpec("position_ids", "int64", (3, "text_batch", 1), low=0, high=d.max_seq),
+                TensorSpec("past_keys", F, (*kv, "past", d.head_dim)),
+                TensorSpec("past_values", F, (*kv, "past", d.head_dim)),
+            ),
+            outputs=(
+                TensorSpec("logits", F, ("text_batch", d.vocab_size)),
+                TensorSpec("present_keys", F, (*kv, "past+1", d.head_dim)),
+                TensorSpec("present_values", F, (*kv, "past+1", d.head_dim)),
+            ),
+            dims=(text_batch, past),
+        ),
+        GraphSpec(
+            "dit",
+            inputs=(
+                TensorSpec("x", F, ("cfg_batch", c, s, s)),
+                TensorSpec("timestep", "int64", ("cfg_batch",), low=0, high=1000),
+                TensorSpec("z_latents", F, ("cfg_batch", d.n_query, d.hidden)),
+            ),
+            outputs=(TensorSpec("velocity", F, ("cfg_batch", c, s, s)),),
+            dims=(cfg_batch,),
+        ),
+        GraphSpec(
+            "dit_step",
+            inputs=(
+                TensorSpec("latents", F, ("batch", c, s, s)),
+                TensorSpec("timestep", "int64", one, low=0, high=1000),
+                TensorSpec("sigma", "float32", one, low=0.0, high=1.0),
+                TensorSpec("sigma_next", "float32", one, low=0.0, high=1.0),
+                TensorSpec("cond", F, ("batch", d.n_query, d.hidden)),
+                TensorSpec("guidance", "float32", one, low=0.0, high=10.0),
+            ),
+            outputs=(TensorSpec("next_latents", F, ("batch", c, s, s)),),
+            dims=(images,),
+        ),
+        GraphSpec(
+            "unet",
+            inputs=(
+                TensorSpec("sample", F, ("cfg_batch", lc, ls, ls)),
+                TensorSpec("timestep", "float32", ("cfg_batch",), low=0.0, high=1000.0),
+                TensorSpec("encoder_hidden_states", F, ("cfg_batch", d.n_query, c)),
+            ),
+            outputs=(TensorSpec("noise_pred", F, ("cfg_batch", lc, ls, ls)),),
+            dims=(cfg_batch,),
+        ),
+        GraphSpec(
+            "unet_step",
+            inputs=(
+                TensorSpec("latents", F, ("batch", lc, ls, ls)),
+                TensorSpec("timestep", "float32", one, low=0.0, high=1000.0),
+                TensorSpec("sigma", "float32", one, low=0.0, high=20.0),
+                TensorSpec("sigma_next", "float32", one, low=0.0, high=20.0),
+                TensorSpec("features", F, ("batch", d.n_query, c)),
+                TensorSpec("negative", F, (1, d.n_query, c)),
+                TensorSpec("guidance", "float32", one, low=0.0, high=10.0),
+            ),
+            outputs=(TensorSpec("next_latents", F, ("batch", lc, ls, ls)),),
+            dims=(images,),
+        ),
+        GraphSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latents", F, ("batch", lc, ls, ls)),),
+            outputs=(TensorSpec("images", F, ("batch", 3, d.image_size, d.image_size)),),
+            dims=(images,),
+        ),
+    ]
+    return {spec.name: spec for spec in specs}
