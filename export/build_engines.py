@@ -1,0 +1,97 @@
+"""Build an engine folder: every graph to ONNX, INT8/FP8 Q/DQ, TensorRT engines, one manifest.
+
+    python export/build_engines.py --variant tiny
+    python export/build_engines.py --variant 4b --checkpoint /models/BLIP3o-Model-4B \\
+        --precision auto --backend tensorrt
+
+Stages (host assets, export of each graph, quantization, TensorRT engines) are keyed on content
+(checkpoint hash, precision, tool versions, our exporter's source, compute capability, profiles),
+so a second run with the same inputs does nothing, and an interrupted run keeps what it finished.
+`--dry-run` prints the plan. The runtime reads nothing of the folder but the manifest and the
+files it lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.plan import (  # noqa: E402
+    BACKENDS,
+    PRECISION_CHOICES,
+    VARIANTS,
+    BuildError,
+    BuildRequest,
+    build,
+)
+
+log = logging.getLogger("build_engines")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python export/build_engines.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--variant", required=True, choices=VARIANTS, help="model variant")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="BLIP3-o checkpoint folder (published layout); tiny defaults to the shipped one",
+    )
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    parser.add_argument(
+        "--out", type=Path, help="engine folder (default engines/<variant>-<precision>)"
+    )
+    parser.add_argument("--graphs", nargs="+", metavar="GRAPH", help="only these graphs")
+    parser.add_argument(
+        "--calibration-prompts",
+        type=Path,
+        help="prompt file for INT8/FP8 calibration (one per line; default: shapes-world prompts)",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild every stage")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random tiny weights")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("onnx_ir", "onnxscript", "torch", "modelopt"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    request = BuildRequest(
+        variant=args.variant,
+        checkpoint=args.checkpoint,
+        precision=args.precision,
+        backend=args.backend,
+        out=args.out,
+        graphs=tuple(args.graphs) if args.graphs else None,
+        calibration_prompts=args.calibration_prompts,
+        force=args.force,
+        dry_run=args.dry_run,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    try:
+        folder = build(request)
+    except BuildError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; run again to resume", file=sys.stderr)
+        return 130
+    if not args.dry_run:
+        print(f"engine folder ready: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""What `build_engines.py` does: validate the request, load the model, plan and run the stages.
+
+One folder per variant and precision. Stages, in order: `assets` (tokenizer, token embeddings,
+latent queries for the host), `export:<graph>` (ONNX at fp32, or fp16/bf16 for those
+precisions), `quantize:<graph>` (INT8/FP8 Q/DQ of the generation graphs, calibrated with the
+real sampler), `engine:<graph>` (TensorRT, only with `--backend tensorrt`). Graphs are exported
+one at a time; the PyTorch pipeline is loaded once, lazily, and only when a stage must run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.stage_defs import onnx_precision
+from export.stages import REPO, EngineFolder, remove_partials, tool_versions
+from runtime.graphs import GRAPHS, graph_specs
+from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
+from runtime.spec import PRECISIONS
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("tiny", "4b", "8b")
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+TINY_CHECKPOINT = REPO / "checkpoints" / "tiny"
+PUBLISHED = {
+    "4b": "https://huggingface.co/BLIP3o/BLIP3o-Model-4B",
+    "8b": "https://huggingface.co/BLIP3o/BLIP3o-Model-8B",
+}
+
+
+class BuildError(Exception):
+    """A user error: the message says what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    variant: str
+    checkpoint: Path | None = None
+    precision: str = "auto"
+    backend: str = "onnxruntime"
+    out: Path | None = None
+    graphs: tuple[str, ...] | None = None
+    calibration_prompts: Path | None = None
+    force: bool = False
+    dry_run: bool = False
+    seed: int = 0
+    progress: bool = True
+    calibration_steps: tuple[int, int] | None = None  # (DiT, UNet) steps; sampler's by default
+
+
+def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | None]:
+    """Validate the request; return (precision, compute capability, TensorRT version)."""
+    if request.variant not in VARIANTS:
+        raise BuildError(f"unknown variant {request.variant!r}; valid: {', '.join(VARIANTS)}")
+    if request.precision not in PRECISION_CHOICES:
+        raise BuildError(
+            f"unknown precision {request.precision!r}; valid: {', '.join(PRECISION_CHOICES)}"
+        )
+    if request.backend not in BACKENDS:
+        raise BuildError(f"unknown backend {request.backend!r}; valid: {', '.join(BACKENDS)}")
+    bad = sorted(set(request.graphs or ()) - set(GRAPHS))
+    if bad:
+        raise BuildError(f"unknown graph(s) {bad}; valid: {', '.join(GRAPHS)}")
+    if request.variant != "tiny" and request.checkpoint is None:
+        raise BuildError(
+            f"--variant {request.variant} needs --checkpoint DIR: BLIP3-o's weights are not "
+            f"bundled. Download the published checkpoint ({PUBLISHED[request.variant]}) and "
+            "pass its folder."
+        )
+    if request.checkpoint is not None and not request.checkpoint.is_dir():
+        raise BuildError(f"checkpoint folder {request.checkpoint} does not exist")
+    from export.trt_build import compute_capability, tensorrt_version
+    from export.trt_plan import resolve_precision
+
+    sm = compute_capability()
+    trt = tensorrt_version()
+    if request.backend == "tensorrt":
+        if trt is None and not request.dry_run:
+            raise BuildError(
+                "--backend tensorrt needs TensorRT: pip install '.[trt]' on the GPU machine "
+                "(TensorRT cannot be installed in this project's CI); or use "
+                "--backend onnxruntime"
+            )
+        if sm is None and not request.dry_run:
+            raise BuildError("--backend tensorrt needs a CUDA GPU; none was found")
+        try:
+            precision = resolve_precision(request.precision, sm or (9, 0))
+        except ValueError as err:
+            raise BuildError(str(err)) from err
+    else:
+        # ONNX Runtime: CPU unless the user's ORT has CUDA; fp32 runs everywhere.
+        precision = "fp32" if request.precision == "auto" else request.precision
+        if precision == "fp8" and sm is not None:
+            try:
+                resolve_precision("fp8", sm)
+            except ValueError as err:
+                raise BuildError(str(err)) from err
+    return precision, sm, trt
+
+
+def output_folder(request: BuildRequest, precision: str) -> Path:
+    folder = request.out or REPO / "engines" / f"{request.variant}-{precision}"
+    if (folder / "manifest.json").exists():
+        try:
+            old = load_manifest(folder)
+        except EngineFolderError:
+            old = None
+        if old and (old["variant"], old["precision"]) != (request.variant, precision):
+            raise BuildError(
+                f"{folder} holds a {old['variant']}-{old['precision']} engine folder; "
+                f"choose another --out for {request.variant}-{precision}"
+            )
+    return folder
+
+
+class ModelSource:
+    """The PyTorch pipeline, loaded on first use (a fully up-to-date build never loads it)."""
+
+    def __init__(self, request: BuildRequest, precision: str) -> None:
+        self.request = request
+        self.precision = precision
+        self._pipeline = None
+        ckpt = request.checkpoint
+        if (
+            ckpt is None
+            and request.variant == "tiny"
+            and (TINY_CHECKPOINT / "config.json").exists()
+        ):
+            ckpt = TINY_CHECKPOINT
+        self.checkpoint = ckpt
+        if ckpt is not None:
+            from training.checkpoint import checkpoint_hash, read_config
+
+            try:
+                cfg = read_config(ckpt)
+            except ValueError as err:
+                raise BuildError(str(err)) from err
+            if cfg.variant != request.variant:
+                raise BuildError(
+                    f"checkpoint {ckpt} is a {cfg.variant} checkpoint, not {request.variant}"
+                )
+            self.config = cfg
+            self.hash = checkpoint_hash(ckpt)
+            self.label = f"checkpoint {ckpt}"
+        else:
+            from training.config import from_preset
+
+            self.config = from_preset(request.variant)
+            self.hash = f"random-weights-seed-{request.seed}"
+            self.label = f"RANDOM weights (seed {request.seed}): no trained tiny checkpoint"
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            import torch
+
+            from export.onnx_export import TORCH_DTYPES
+
+            dtype = TORCH_DTYPES[onnx_precision(self.precision)]
+            log.info("loading the PyTorch model (%s)", self.label)
+            if self.checkpoint is not None:
+                from training.checkpoint import load_pipeline
+
+                pipe = load_pipeline(self.checkpoint, dtype=dtype)
+            else:
+                pipe = random_pipeline(self.config, self.request.seed)
+                pipe.model.to(dtype)
+                pipe.decoder.to(dtype)
+            torch.set_grad_enabled(False)
+            self._pipeline = pipe
+        return self._pipeline
+
+
+def random_pipeline(cfg, seed: int):
+    """Seeded random weights (labelled as such in the manifest)."""
+    import torch
+
+    from training.model.blip3o import BLIP3o
+    from training.model.decoder import Decoder
+    from training.pipeline import ReferencePipeline
+    from training.tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(seed)
+    return ReferencePipeline(BLIP3o(cfg), Decoder(cfg.decoder), build_tiny_tokenizer())
+
+
+def template_info() -> dict:
+    from training import config as c
+
+    return {
+        "chat": c.CHAT_TEMPLATE,
+        "system": c.SYSTEM_PROMPT,
+        "generation_instruction": c.GENERATION_INSTRUCTION,
+        "image_chat": c.IMAGE_CHAT_TEXT,
+        "image_pad": c.IMAGE_PAD,
+        "negative_prompt": "",
+    }
+
+
+def build(request: BuildRequest) -> Path:
+    """Run (or, with dry_run, print) the plan; return the engine folder."""
+    from export.dims import graph_dims
+    from export.stage_defs import StageFactory
+
+    precision, sm, trt = resolve(request)
+    folder = output_folder(request, precision)
+    source = ModelSource(request, precision)
+    cfg = source.config
+    specs = graph_specs(graph_dims(cfg))
+    names = [g for g in GRAPHS if request.graphs is None or g in request.graphs]
+    versions = tool_versions()
+    manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
+    factory = StageFactory(request, source, precision, specs, versions, sm, trt)
+    engine = EngineFolder(folder, manifest)
+    if request.dry_run:
+        _print_plan(engine, factory, names, folder, source)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_partials(folder):
+        log.warning("removed %s left by an interrupted build", leftover.name)
+    log.info("building %s-%s in %s from %s", request.variant, precision, folder, source.label)
+    bar = _progress(request.progress, total=len(factory.stage_names(names)))
+    engine.run(factory.assets())
+    bar.update(1)
+    for name in names:
+        bar.set_description(name)
+        for stage in factory.graph_stages(name, engine):
+            engine.run(stage)
+            bar.update(1)
+        manifest["graphs"][name] = factory.graph_entry(name, engine)
+        engine.save()
+    bar.close()
+    manifest["host"] = factory.host_entry(engine)
+    engine.save()
+    return folder
+
+
+def _start_manifest(folder, request, precision, source, sm, trt, versions) -> dict:
+    manifest: dict = {}
+    if (folder / "manifest.json").exists() and not request.force:
+        try:
+            manifest = load_manifest(folder)
+        except EngineFolderError as err:
+            log.warning("ignoring the unreadable old manifest: %s", err)
+    from training.config import to_dict
+
+    s = source.config.sampler
+    manifest.update(
+        format=FORMAT_VERSION,
+        variant=request.variant,
+        precision=precision,
+        backend=request.backend,
+        weights=source.label,
+        checkpoint={
+            "path": str(source.checkpoint) if source.checkpoint else None,
+            "hash": source.hash,
+        },
+        config=to_dict(source.config),
+        template=template_info(),
+        sampler={
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "decoder_steps": s.decoder_steps,
+            "decoder_guidance": s.decoder_guidance,
+            "negative_seed": s.negative_seed,
+            "image_size": source.config.image_size,
+        },
+        tools=versions,
+        compute_capability=f"{sm[0]}.{sm[1]}" if sm else None,
+        tensorrt=trt,
+    )
+    manifest.setdefault("graphs", {})
+    manifest.setdefault("stages", {})
+    return manifest
+
+
+def _print_plan(engine, factory, names, folder, source) -> None:
+    print(f"plan for {folder} ({source.label}):")
+    for stage_name, stage in factory.preview(names, engine):
+        if stage is None:
+            status = "after its input stage"
+        else:
+            status = "up to date" if engine.up_to_date(stage) else "will run"
+        print(f"  {stage_name:<24} {status}")
+
+
+def _progress(enabled: bool, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="stage", desc="build")
+
+
+__all__ = ["BuildError", "BuildRequest", "build"]

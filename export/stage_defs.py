@@ -1,0 +1,241 @@
+"""The stages of an engine folder build and the manifest entries they produce.
+
+Per graph: `export:<graph>` always; `quantize:<graph>` for INT8/FP8 folders and quantizable
+graphs; `engine:<graph>` with the TensorRT backend. A later stage's key includes the sha256 of
+the file the earlier stage produced, so it is computed only once that stage has run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from export.stages import EngineFolder, Stage, exporter_source_hash
+from runtime.spec import io_dtype, spec_to_dict
+
+log = logging.getLogger(__name__)
+QUANTIZED = ("int8", "fp8")
+
+
+def onnx_precision(precision: str) -> str:
+    """Precision of the exported ONNX: Q/DQ graphs are made from the fp32 export."""
+    return "fp32" if precision in ("fp32", *QUANTIZED) else precision
+
+
+def graph_module(name: str, pipeline):
+    from export.wrappers import generation, text, vision
+
+    m, dec = pipeline.model, pipeline.decoder
+    builders = {
+        "vision": lambda: vision.VisionGraph(m.qwen.model.visual),
+        "prefill": lambda: text.PrefillGraph(m.qwen),
+        "decode": lambda: text.DecodeGraph(m.qwen),
+        "dit": lambda: generation.DiTGraph(m.dit),
+        "dit_step": lambda: generation.DiTStepGraph(m.dit),
+        "unet": lambda: generation.UNetGraph(dec),
+        "unet_step": lambda: generation.UNetStepGraph(dec),
+        "vae_decoder": lambda: generation.VAEDecoderGraph(dec),
+    }
+    return builders[name]()
+
+
+def assets_stage(source, precision: str) -> Stage:
+    def run(tmp: Path) -> dict:
+        pipe = source.pipeline
+        host_dtype = np.float16 if io_dtype(precision) in ("float16", "bfloat16") else np.float32
+        lm = pipe.model.qwen.model.language_model
+        np.save(tmp / "embeddings.npy", lm.embed_tokens.weight.float().numpy().astype(host_dtype))
+        queries = pipe.model.latent_queries.float().numpy().astype(host_dtype)
+        np.save(tmp / "latent_queries.npy", queries)
+        (tmp / "tokenizer.json").write_text(pipe.tokenizer.to_str())
+        return {}
+
+    key = {"checkpoint": source.hash, "precision": precision, "code": exporter_source_hash()}
+    return Stage("assets", key, run)
+
+
+def export_stage(name: str, spec, source, precision: str, versions: dict) -> Stage:
+    from export.onnx_export import OPSET, export_graph
+
+    p = onnx_precision(precision)
+    file = f"{name}.{p}.onnx"
+
+    def run(tmp: Path) -> dict:
+        export_graph(graph_module(name, source.pipeline), spec, tmp / file, precision=p)
+        return {}
+
+    key = {
+        "checkpoint": source.hash,
+        "precision": p,
+        "spec": spec_to_dict(spec),
+        "tools": {k: versions[k] for k in ("torch", "transformers", "diffusers", "onnxscript")},
+        "opset": OPSET,
+        "code": exporter_source_hash(),
+    }
+    return Stage(f"export:{name}", key, run, info={"onnx": file})
+
+
+class StageFactory:
+    """Builds the stages of one request and turns their records into manifest entries."""
+
+    def __init__(self, request, source, precision, specs, versions, sm, trt) -> None:
+        self.request, self.source, self.precision = request, source, precision
+        self.specs, self.versions, self.sm, self.trt = specs, versions, sm, trt
+        self._calibration = None
+
+    def quantized(self, name: str) -> bool:
+        if self.precision not in QUANTIZED:
+            return False
+        from export.quantize import QUANTIZABLE
+
+        return name in QUANTIZABLE
+
+    def stage_names(self, names) -> list[str]:
+        out = ["assets"]
+        for n in names:
+            out.append(f"export:{n}")
+            if self.quantized(n):
+                out.append(f"quantize:{n}")
+            if self.request.backend == "tensorrt":
+                out.append(f"engine:{n}")
+        return out
+
+    def preview(self, names, engine: EngineFolder):
+        """(stage name, stage or None when its key needs an earlier stage's output)."""
+        yield "assets", self.assets()
+        for n in names:
+            export = self.export(n)
+            yield export.name, export
+            later = [s for s in self.stage_names([n]) if s not in ("assets", export.name)]
+            for s in later:
+                yield s, None
+
+    def assets(self) -> Stage:
+        return assets_stage(self.source, self.precision)
+
+    def export(self, name: str) -> Stage:
+        return export_stage(name, self.specs[name], self.source, self.precision, self.versions)
+
+    def graph_stages(self, name: str, engine: EngineFolder):
+        """Yield the stages of one graph in order (run each before asking for the next)."""
+        yield self.export(name)
+        if self.quantized(name):
+            yield self.quantize(name, engine)
+        if self.request.backend == "tensorrt":
+            yield self.engine_stage(name, engine)
+
+    def calibration(self) -> dict:
+        if self._calibration is None:
+            from export.calibration import collect_step_feeds, default_prompts, load_prompts
+
+            path = self.request.calibration_prompts
+            prompts = load_prompts(path) if path else default_prompts()
+            s = self.source.config.sampler
+            steps = self.request.calibration_steps or (s.steps, s.decoder_steps)
+            log.info("calibrating on %d prompts (%d + %d steps)", len(prompts), *steps)
+            feeds = collect_step_feeds(
+                self.source.pipeline,
+                prompts,
+                steps=steps[0],
+                guidance=s.guidance,
+                decoder_steps=steps[1],
+                decoder_guidance=s.decoder_guidance,
+            )
+            self._calibration = {"prompts": prompts, "steps": steps, "feeds": feeds}
+        return self._calibration
+
+    def _calibration_key(self) -> dict:
+        path = self.request.calibration_prompts
+        s = self.source.config.sampler
+        return {
+            "prompts": path.read_text() if path else "default",
+            "steps": self.request.calibration_steps or (s.steps, s.decoder_steps),
+        }
+
+    def quantize(self, name: str, engine: EngineFolder) -> Stage:
+        from export.quantize import measure_error, quantize_graph
+
+        src = engine.manifest["stages"][f"export:{name}"]
+        src_file = src["onnx"]
+        file = f"{name}.{self.precision}.onnx"
+
+        def run(tmp: Path) -> dict:
+            feeds = self.calibration()["feeds"][name]
+            held_out = feeds[1::2][:8]
+            calib = feeds[0::2]
+            report = quantize_graph(
+                engine.folder / src_file, tmp / file, precision=self.precision, calibration=calib
+            )
+            error = measure_error(engine.folder / src_file, tmp / file, held_out)
+            log.info("%s %s vs fp32: %s", name, self.precision, error)
+            return {"quantization": {**report, "error_vs_fp32": error}}
+
+        key = {
+            "source": src["files"],
+            "precision": self.precision,
+            "calibration": self._calibration_key(),
+            "tools": {k: self.versions[k] for k in ("nvidia-modelopt", "onnxruntime", "onnx")},
+            "code": exporter_source_hash(),
+        }
+        return Stage(f"quantize:{name}", key, run, info={"onnx": file})
+
+    def engine_stage(self, name: str, engine: EngineFolder) -> Stage:
+        from export.trt_build import build_engine
+        from export.trt_plan import plan_engines
+
+        onnx_stage = self._onnx_stage(name, engine)
+        onnx_file = onnx_stage["onnx"]
+        sha = next(f["sha256"] for f in onnx_stage["files"] if f["file"] == onnx_file)
+        (plan,) = plan_engines(
+            {name: self.specs[name]},
+            {name: {"file": onnx_file, "sha256": sha}},
+            precision=self.precision,
+            sm=self.sm,
+            trt_version=self.trt,
+            graphs=[name],
+        )
+        cache = engine.folder / "timing.cache"
+
+        def run(tmp: Path) -> None:
+            build_engine(
+                plan, engine.folder / onnx_file, tmp / plan.engine_file, timing_cache=cache
+            )
+
+        return Stage(
+            f"engine:{name}",
+            {"plan_key": plan.cache_key},
+            run,
+            info={"engine": plan.engine_file},
+        )
+
+    def _onnx_stage(self, name: str, engine: EngineFolder) -> dict:
+        stages = engine.manifest["stages"]
+        return stages[f"quantize:{name}"] if self.quantized(name) else stages[f"export:{name}"]
+
+    def graph_entry(self, name: str, engine: EngineFolder) -> dict:
+        record = self._onnx_stage(name, engine)
+        files = {f["file"]: f["sha256"] for f in record["files"]}
+        main = record["onnx"]
+        entry = {
+            "file": main,
+            "sha256": files.pop(main),
+            "external_data": [{"file": f, "sha256": h} for f, h in sorted(files.items())],
+            "precision": self.precision if self.quantized(name) else onnx_precision(self.precision),
+            "spec": spec_to_dict(self.specs[name]),
+        }
+        if "quantization" in record:
+            entry["quantization"] = record["quantization"]
+        trt = engine.manifest["stages"].get(f"engine:{name}")
+        if self.request.backend == "tensorrt" and trt:
+            entry["engine"] = {"file": trt["engine"], "sha256": trt["files"][0]["sha256"]}
+        return entry
+
+    def host_entry(self, engine: EngineFolder) -> dict:
+        files = {f["file"]: f for f in engine.manifest["stages"]["assets"]["files"]}
+        return {
+            "embeddings": files["embeddings.npy"],
+            "latent_queries": files["latent_queries.npy"],
+            "tokenizer": files["tokenizer.json"],
+        }

@@ -1,0 +1,117 @@
+"""The engine folder's `manifest.json`: the only link between the exporter and the runtime.
+
+It records the variant, the precision, each graph's file, sha256 and spec, the host assets
+(tokenizer, token embeddings, latent queries), the prompt template, the sampler defaults, the
+checkpoint hash, tool versions and the compute capability the engines were built for, plus the
+exporter's per-stage cache keys. Files are written to a temporary name and renamed, so a reader
+never sees a half-written manifest or artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from runtime.spec import GraphSpec, spec_from_dict
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class EngineFolderError(ValueError):
+    """An engine folder that is missing, corrupt or built for something else."""
+
+
+def rebuild_hint(manifest: dict | None) -> str:
+    if not manifest:
+        return "python export/build_engines.py --variant tiny"
+    cmd = f"python export/build_engines.py --variant {manifest.get('variant', 'tiny')}"
+    if manifest.get("precision"):
+        cmd += f" --precision {manifest['precision']}"
+    if manifest.get("backend") and manifest["backend"] != "onnxruntime":
+        cmd += f" --backend {manifest['backend']}"
+    return cmd + " --force"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to `path.tmp-<pid>` then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: str | Path, data: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_manifest(folder: str | Path) -> dict:
+    """Read and sanity-check an engine folder's manifest."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EngineFolderError(
+            f"engine folder {folder} does not exist; build one with: {rebuild_hint(None)}"
+        )
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise EngineFolderError(
+            f"{folder} has no {MANIFEST}: not an engine folder; build one with: "
+            f"{rebuild_hint(None)}"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise EngineFolderError(f"{path} is not valid JSON ({err}); rebuild the folder") from err
+    version = manifest.get("format")
+    if version != FORMAT_VERSION:
+        raise EngineFolderError(
+            f"{path}: manifest format {version!r}, this runtime reads format {FORMAT_VERSION}; "
+            f"rebuild with: {rebuild_hint(manifest)}"
+        )
+    for key in ("variant", "precision", "graphs", "config"):
+        if key not in manifest:
+            raise EngineFolderError(f"{path}: field {key!r} is missing; rebuild the folder")
+    return manifest
+
+
+def verify_file(folder: Path, entry: dict, manifest: dict) -> Path:
+    """Check one recorded file's presence and sha256; return its path."""
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise EngineFolderError(
+            f"{path} is listed in the manifest but missing; rebuild with: {rebuild_hint(manifest)}"
+        )
+    if sha256_file(path) != entry["sha256"]:
+        raise EngineFolderError(
+            f"{path} does not match the sha256 in the manifest (corrupt or replaced); "
+            f"rebuild with: {rebuild_hint(manifest)}"
+        )
+    for extra in entry.get("external_data", []):
+        verify_file(folder, extra, manifest)
+    return path
+
+
+def graph_spec(manifest: dict, name: str) -> GraphSpec:
+    graphs = manifest["graphs"]
+    if name not in graphs:
+        raise EngineFolderError(
+            f"graph {name!r} is not in this engine folder (it has {sorted(graphs)}); "
+            f"rebuild with: {rebuild_hint(manifest)}"
+        )
+    return spec_from_dict(graphs[name]["spec"])
