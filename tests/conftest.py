@@ -29,3 +29,24 @@ def tiny_pipeline(tiny_config, tiny_tokenizer):
 
     torch.manual_seed(0)
     return ReferencePipeline(BLIP3o(tiny_config), Decoder(tiny_config.decoder), tiny_tokenizer)
+
+
+RUNTIME_GRAPHS = ("vision", "prefill", "decode", "dit_step", "unet_step", "vae_decoder")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tmp_path_factory):
+    """A tiny fp32 engine folder (seeded random weights), built once per test session."""
+    from export.plan import BuildRequest, build
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
+    return build(BuildRequest(variant="tiny", out=out, graphs=RUNTIME_GRAPHS, progress=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_engine_dir):
+    """The PyTorch reference pipeline with the same seeded weights as `tiny_engine_dir`."""
+    from export.plan import random_pipeline
+    from training.config import from_preset
+
+    return random_pipeline(from_preset("tiny"), 0)

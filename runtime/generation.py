@@ -1,0 +1,166 @@
+"""Text-to-image as a caller-driven job: prefill, DiT flow steps, UNet steps, VAE decode.
+
+`GenerationJob.step()` does one unit of work (one session call) and returns; a host shows
+progress and may cancel between steps. The step graphs (`dit_step`, `unet_step`) carry CFG,
+guidance and the scheduler update, so the loop only feeds each step's scalars; latents stay in
+the backend's arrays (device buffers on GPU backends).
+
+Noise convention (shared with the PyTorch reference): one `np.random.default_rng(seed)` draws
+the DiT's noise (N, C, 8, 8) first and the decoder's (N, 4, l, l) second, float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    decoder_steps: int
+    decoder_guidance: float
+    num_images: int
+
+    def validate(self, max_images: int) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise ValueError("prompt is empty; describe the image to generate")
+        for name in ("steps", "decoder_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+                raise ValueError(f"{name} must be an integer in [1, 1000], got {value!r}")
+        for name in ("guidance", "decoder_guidance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer, got {type(self.seed).__name__}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= max_images:
+            raise ValueError(f"num_images must be in [1, {max_images}], got {self.num_images!r}")
+
+
+def draw_noise(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
+    rng = np.random.default_rng(int(seed))
+    return [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+
+
+def scalar(value: float, dtype=np.float32) -> np.ndarray:
+    return np.array([value], dtype=dtype)
+
+
+class GenerationJob:
+    """One generation, advanced by `step()`; `result()` returns the PIL images when done."""
+
+    def __init__(self, gen, params: GenerationParams) -> None:
+        self.gen = gen
+        self.params = params
+        cfg = gen.config
+        n = params.num_images
+        d, dec = cfg["dit"], cfg["decoder"]
+        self.feature_shape = (n, d["in_channels"], d["input_size"], d["input_size"])
+        side = dec["image_size"] // 2 ** (len(dec["vae_block_out_channels"]) - 1)
+        latent_shape = (n, dec["latent_channels"], side, side)
+        self.noise, self.latent_noise = draw_noise(params.seed, self.feature_shape, latent_shape)
+        self.sigmas = flow_sigmas(params.steps)
+        self.timesteps = flow_timesteps(self.sigmas)
+        self.schedule = euler_discrete_schedule(
+            params.decoder_steps,
+            num_train_timesteps=dec["num_train_timesteps"],
+            beta_start=dec["beta_start"],
+            beta_end=dec["beta_end"],
+            beta_schedule=dec["beta_schedule"],
+            timestep_spacing=dec["timestep_spacing"],
+            steps_offset=dec["steps_offset"],
+        )
+        self.total = 1 + params.steps + params.decoder_steps + 1
+        self.done_steps = 0
+        self.stage = "prefill"
+        self._images: list[Image.Image] | None = None
+        self._work = self._run()
+
+    @property
+    def done(self) -> bool:
+        return self._images is not None
+
+    def step(self) -> str:
+        """Run the next unit of work; returns the stage it belonged to."""
+        if self.done:
+            raise RuntimeError("this generation is finished; call result()")
+        stage = next(self._work)
+        self.done_steps += 1
+        return stage
+
+    def result(self) -> list[Image.Image]:
+        while not self.done:
+            self.step()
+        return self._images
+
+    def _run(self):
+        gen, p = self.gen, self.params
+        io = gen.io_dtype
+        cond = gen.conditioning(p.prompt)  # (1, 64, H) host array
+        cond = np.repeat(cond, p.num_images, axis=0).astype(io)
+        yield "prefill"
+        self.stage = "dit"
+        latents = self.noise.astype(io)
+        dit = gen.session("dit_step")
+        for i in range(p.steps):
+            latents = dit.run(
+                {
+                    "latents": latents,
+                    "timestep": scalar(self.timesteps[i], np.int64),
+                    "sigma": scalar(self.sigmas[i]),
+                    "sigma_next": scalar(self.sigmas[i + 1]),
+                    "cond": cond,
+                    "guidance": scalar(p.guidance),
+                }
+            )["next_latents"]
+            yield "dit"
+        grid = dit.to_host(latents).astype(np.float32)  # (N, C, 8, 8)
+        gen.release("dit_step")
+        features = grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1)  # (N, 64, C)
+        negative = gen.negative_features()  # (1, 64, C)
+        self.stage = "unet"
+        s = self.schedule
+        latents = (self.latent_noise * s.init_noise_sigma).astype(io)
+        unet = gen.session("unet_step")
+        feats, neg = np.ascontiguousarray(features.astype(io)), negative.astype(io)
+        for i in range(p.decoder_steps):
+            latents = unet.run(
+                {
+                    "latents": latents,
+                    "timestep": scalar(s.timesteps[i]),
+                    "sigma": scalar(s.sigmas[i]),
+                    "sigma_next": scalar(s.sigmas[i + 1]),
+                    "features": feats,
+                    "negative": neg,
+                    "guidance": scalar(p.decoder_guidance),
+                }
+            )["next_latents"]
+            yield "unet"
+        gen.release("unet_step")
+        self.stage = "vae_decoder"
+        vae = gen.session("vae_decoder")
+        images = vae.to_host(vae.run({"latents": latents})["images"]).astype(np.float32)
+        gen.release("vae_decoder")
+        self._images = [to_pil(x) for x in images]
+        self.stage = "done"
+        yield "vae_decoder"
+
+
+def to_pil(pixels: np.ndarray) -> Image.Image:
+    """(3, H, W) in [0, 1] -> RGB image (same rounding as the reference pipeline)."""
+    array = (np.clip(pixels, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+    return Image.fromarray(array)

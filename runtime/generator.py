@@ -1,0 +1,293 @@
+"""`Generator`: BLIP3-o generation and understanding over an engine folder, without torch.
+
+    with Generator.from_dir("engines/tiny-fp32") as gen:
+        image = gen.generate("a red circle", seed=0)[0]
+        print(gen.answer(image, "Describe the image."))
+
+Sessions open lazily, one per graph, on the chosen backend; `low_memory=True` keeps only the
+running stage's session open (for 8-16 GB Jetson boards). The decoder's negative features (a
+blank prompt sampled once with the manifest's seed) are computed on first use and cached in the
+engine folder. Thread safety: one Generator serializes its calls with a lock, so it may be shared
+between threads, but calls do not run concurrently; use one Generator per thread (or process)
+for parallel work.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from runtime.generation import GenerationJob, GenerationParams, draw_noise, scalar
+from runtime.manifest import (
+    EngineFolderError,
+    atomic_write_bytes,
+    graph_spec,
+    load_manifest,
+    rebuild_hint,
+    verify_file,
+)
+from runtime.schedule import flow_sigmas, flow_timesteps
+from runtime.sessions import BACKENDS, open_session
+from runtime.spec import io_dtype
+from runtime.text import PromptEncoder
+from runtime.understanding import answer_tokens
+
+log = logging.getLogger(__name__)
+NEGATIVE_FILE = "negative_features.npy"
+
+
+class Generator:
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict,
+        *,
+        backend: str,
+        device: str,
+        low_memory: bool,
+        variant: str | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        if variant is not None and manifest["variant"] != variant:
+            raise EngineFolderError(
+                f"{folder} holds a {manifest['variant']} engine folder, not {variant}; build "
+                f"one with: python export/build_engines.py --variant {variant}"
+            )
+        self.folder, self.manifest = folder, manifest
+        self.backend, self.device, self.low_memory = backend, device, low_memory
+        self.config = manifest["config"]
+        self.precision = manifest["precision"]
+        self.io_dtype = np.dtype(io_dtype(self.precision)) if self.precision != "bf16" else None
+        self.prompts = PromptEncoder.from_folder(folder, manifest)
+        host = manifest["host"]
+        self.embeddings = np.load(folder / host["embeddings"]["file"], mmap_mode="r")  # (V, H)
+        self.latent_queries = np.load(folder / host["latent_queries"]["file"])  # (1, 64, H)
+        self._sessions: dict = {}
+        self._negative: np.ndarray | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_dir(
+        cls,
+        path: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        device: str = "cpu",
+        low_memory: bool = False,
+        variant: str | None = None,
+        verify: bool = True,
+    ) -> Generator:
+        """Open an engine folder; `verify` checks every listed file's sha256 first."""
+        folder = Path(path)
+        manifest = load_manifest(folder)
+        if verify:
+            for entry in manifest.get("host", {}).values():
+                verify_file(folder, entry, manifest)
+            for graph in manifest["graphs"].values():
+                verify_file(folder, graph, manifest)
+        if "host" not in manifest:
+            raise EngineFolderError(f"{folder}: build did not finish; run {rebuild_hint(manifest)}")
+        return cls(
+            folder, manifest, backend=backend, device=device, low_memory=low_memory, variant=variant
+        )
+
+    # sessions -------------------------------------------------------------------------------
+    def session(self, name: str):
+        if name not in self._sessions:
+            spec = graph_spec(self.manifest, name)
+            entry = self.manifest["graphs"][name]
+            if self.backend == "tensorrt":
+                if "engine" not in entry:
+                    raise EngineFolderError(
+                        f"{self.folder} has no TensorRT engine for {name}; build with: "
+                        f"python export/build_engines.py --variant {self.manifest['variant']} "
+                        "--backend tensorrt"
+                    )
+                path = self.folder / entry["engine"]["file"]
+            elif self.backend == "torch":
+                path = self.folder
+            else:
+                path = self.folder / entry["file"]
+            self._sessions[name] = open_session(
+                spec, path, self.backend, device=self.device, precision=self.precision
+            )
+        return self._sessions[name]
+
+    def release(self, name: str) -> None:
+        """In low-memory mode, close a stage's session once the stage is over."""
+        if self.low_memory and name in self._sessions:
+            self._sessions.pop(name).close()
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()
+        self._sessions.clear()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # host pieces ----------------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embeddings[ids], dtype=np.float32)  # (S, H)
+
+    def conditioning(self, prompt: str, *, template: bool = True) -> np.ndarray:
+        """(1, 64, H) DiT conditioning: prefill over the prompt embeddings + latent queries."""
+        ids = self.prompts.generation_ids(prompt, template=template)
+        spec = graph_spec(self.manifest, "prefill")
+        limit = spec.dim("seq").max - self.latent_queries.shape[1]
+        if len(ids) > limit:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens; this engine folder's prefill takes at most "
+                f"{limit} (+ {self.latent_queries.shape[1]} queries). Shorten the prompt."
+            )
+        embeds = np.concatenate([self.embed(ids)[None], self.latent_queries.astype(np.float32)], 1)
+        s = embeds.shape[1]
+        positions = np.broadcast_to(np.arange(s, dtype=np.int64), (3, 1, s)).copy()
+        prefill = self.session("prefill")
+        out = prefill.run(
+            {"inputs_embeds": embeds.astype(self.io_dtype), "position_ids": positions}
+        )
+        hidden = prefill.to_host(out["hidden_states"]).astype(np.float32)
+        self.release("prefill")
+        return hidden[:, -self.latent_queries.shape[1] :]  # (1, 64, H)
+
+    def negative_features(self) -> np.ndarray:
+        """(1, 64, C) decoder negative: the blank prompt, sampled once, cached in the folder."""
+        if self._negative is None:
+            cached = self._load_negative()
+            self._negative = cached if cached is not None else self._compute_negative()
+        return self._negative
+
+    def _negative_key(self) -> str:
+        g = self.manifest["graphs"]
+        return json.dumps(
+            [
+                g["prefill"]["sha256"],
+                g["dit_step"]["sha256"],
+                self.manifest["host"]["embeddings"]["sha256"],
+                self.manifest["sampler"],
+            ],
+            sort_keys=True,
+        )
+
+    def _load_negative(self):
+        path = self.folder / NEGATIVE_FILE
+        meta = path.with_suffix(".json")
+        if path.is_file() and meta.is_file() and meta.read_text() == self._negative_key():
+            return np.load(path)
+        return None
+
+    def _compute_negative(self) -> np.ndarray:
+        s = self.manifest["sampler"]
+        d = self.config["dit"]
+        shape = (1, d["in_channels"], d["input_size"], d["input_size"])
+        (noise,) = draw_noise(s["negative_seed"], shape)
+        cond = self.conditioning(self.manifest["template"]["negative_prompt"], template=False)
+        sigmas = flow_sigmas(s["steps"])
+        steps = flow_timesteps(sigmas)
+        dit = self.session("dit_step")
+        x = noise.astype(self.io_dtype)
+        for i in range(s["steps"]):
+            x = dit.run(
+                {
+                    "latents": x,
+                    "timestep": scalar(steps[i], np.int64),
+                    "sigma": scalar(sigmas[i]),
+                    "sigma_next": scalar(sigmas[i + 1]),
+                    "cond": cond.astype(self.io_dtype),
+                    "guidance": scalar(s["guidance"]),
+                }
+            )["next_latents"]
+        grid = dit.to_host(x).astype(np.float32)
+        negative = grid.reshape(1, grid.shape[1], -1).transpose(0, 2, 1).copy()  # (1, 64, C)
+        try:
+            buf = io.BytesIO()
+            np.save(buf, negative)
+            atomic_write_bytes(self.folder / NEGATIVE_FILE, buf.getvalue())
+            atomic_write_bytes(
+                (self.folder / NEGATIVE_FILE).with_suffix(".json"), self._negative_key().encode()
+            )
+        except OSError as err:
+            log.warning("could not cache the negative features in %s: %s", self.folder, err)
+        return negative
+
+    # public API -----------------------------------------------------------------------------
+    def start(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        decoder_steps: int | None = None,
+        decoder_guidance: float | None = None,
+        num_images: int = 1,
+    ) -> GenerationJob:
+        """A stepwise generation: call `job.step()` until `job.done`, then `job.result()`."""
+        s = self.manifest["sampler"]
+        params = GenerationParams(
+            prompt=prompt,
+            seed=seed,
+            steps=s["steps"] if steps is None else steps,
+            guidance=s["guidance"] if guidance is None else guidance,
+            decoder_steps=s["decoder_steps"] if decoder_steps is None else decoder_steps,
+            decoder_guidance=s["decoder_guidance"]
+            if decoder_guidance is None
+            else decoder_guidance,
+            num_images=num_images,
+        )
+        params.validate(graph_spec(self.manifest, "dit_step").dim("batch").max)
+        return GenerationJob(self, params)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        decoder_steps: int | None = None,
+        decoder_guidance: float | None = None,
+        num_images: int = 1,
+        progress: Callable[[GenerationJob], None] | None = None,
+    ):
+        """Text to images: a list of `num_images` PIL images (defaults from the manifest)."""
+        with self._lock:
+            job = self.start(
+                prompt,
+                seed=seed,
+                steps=steps,
+                guidance=guidance,
+                decoder_steps=decoder_steps,
+                decoder_guidance=decoder_guidance,
+                num_images=num_images,
+            )
+            while not job.done:
+                job.step()
+                if progress is not None:
+                    progress(job)
+            return job.result()
+
+    def answer(
+        self,
+        image,
+        question: str,
+        *,
+        max_new_tokens: int = 32,
+        stream: Callable[[str], None] | None = None,
+    ) -> str:
+        """Image understanding with greedy decoding; `stream` receives text as it is decoded."""
+        with self._lock:
+            return answer_tokens(
+                self, image, question, max_new_tokens=max_new_tokens, stream=stream
+            )

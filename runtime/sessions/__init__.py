@@ -1,0 +1,52 @@
+"""Sessions: one interface over ONNX Runtime, TensorRT and PyTorch.
+
+A session has `spec` (its `GraphSpec`), `run(feeds) -> outputs` (dicts keyed by the spec's tensor
+names) and `close()`. Feeds and outputs are the backend's own arrays: numpy for ONNX Runtime on
+CPU, device buffers for GPU backends, so step loops keep their data on the device; `to_host`
+turns any output into numpy. Backends are imported lazily by name: `import runtime` pulls in
+none of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from runtime.spec import GraphSpec
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+class Session(Protocol):
+    spec: GraphSpec
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]: ...
+
+    def to_host(self, value: Any): ...
+
+    def close(self) -> None: ...
+
+
+def open_session(
+    spec: GraphSpec,
+    path: str | Path,
+    backend: str = "onnxruntime",
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    **options,
+) -> Session:
+    """Open the graph at `path` (ONNX file, TensorRT engine, or engine folder for torch)."""
+    if backend == "onnxruntime":
+        from runtime.sessions.onnxruntime import OrtSession
+
+        return OrtSession(spec, path, device=device, precision=precision, **options)
+    if backend == "tensorrt":
+        from runtime.sessions.tensorrt import TrtSession
+
+        return TrtSession(spec, path, device=device, precision=precision, **options)
+    if backend == "torch":
+        from runtime.sessions.torch import TorchSession
+
+        return TorchSession(spec, path, device=device, precision=precision, **options)
+    raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")

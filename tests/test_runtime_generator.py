@@ -1,0 +1,153 @@
+"""runtime.Generator over ONNX Runtime against the PyTorch reference, and its bad-input errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.generator import NEGATIVE_FILE, Generator
+from runtime.manifest import EngineFolderError
+
+FAST = dict(steps=4, decoder_steps=5)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_engine_dir):
+    with Generator.from_dir(tiny_engine_dir) as g:
+        yield g
+
+
+def test_generate_matches_reference_pipeline(gen, tiny_reference):
+    """Same seed, same weights: the runtime's image equals the reference's.
+
+    Tolerance: max abs pixel difference <= 2 of 255 (ORT vs PyTorch float32 kernels and the
+    numpy vs torch Euler-discrete sigmas differ in the last bits).
+    """
+    for prompt, seed in [("a red circle", 0), ("two blue squares", 7)]:
+        ours = np.asarray(gen.generate(prompt, seed=seed, **FAST)[0]).astype(int)
+        ref = np.asarray(tiny_reference.generate(prompt, seed=seed, **FAST)).astype(int)
+        assert np.abs(ours - ref).max() <= 2
+
+
+def test_negative_features_match_reference_and_are_cached(gen, tiny_reference, tiny_engine_dir):
+    ours = gen.negative_features()
+    ref = tiny_reference.negative_features().numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    assert (tiny_engine_dir / NEGATIVE_FILE).is_file()
+    fresh = Generator.from_dir(tiny_engine_dir)
+    fresh._compute_negative = lambda: pytest.fail("the cached negative was not reused")
+    np.testing.assert_array_equal(fresh.negative_features(), ours)
+
+
+def test_answer_matches_reference(gen, tiny_reference):
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[8:28, 30:50] = (40, 80, 220)
+    for question in ["Describe the image.", "How many squares are there?"]:
+        ours = gen.answer(image, question, max_new_tokens=6)
+        ref = tiny_reference.answer(image, question, max_new_tokens=6)
+        assert ours == ref
+
+
+def test_answer_streams_the_same_text(gen):
+    image = np.full((48, 80, 3), 200, np.uint8)
+    pieces = []
+    text = gen.answer(image, "Describe the image.", max_new_tokens=5, stream=pieces.append)
+    assert "".join(pieces).strip() == text
+
+
+def test_stepwise_job_counts_and_equals_generate(gen):
+    job = gen.start("a green triangle", seed=3, **FAST)
+    stages = []
+    while not job.done:
+        stages.append(job.step())
+    assert len(stages) == job.total == 1 + 4 + 5 + 1
+    assert stages[0] == "prefill" and stages[-1] == "vae_decoder"
+    again = gen.generate("a green triangle", seed=3, **FAST)[0]
+    assert np.array_equal(np.asarray(job.result()[0]), np.asarray(again))
+
+
+def test_low_memory_mode_gives_the_same_image(gen, tiny_engine_dir):
+    with Generator.from_dir(tiny_engine_dir, low_memory=True) as low:
+        a = low.generate("a yellow square", seed=2, **FAST)[0]
+        assert low._sessions == {}
+    b = gen.generate("a yellow square", seed=2, **FAST)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_num_images(gen):
+    images = gen.generate("three red circles", seed=0, num_images=2, **FAST)
+    assert len(images) == 2 and images[0].size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(prompt="a " * 600), "at most"),
+        (dict(prompt="a", steps=0), "steps must be an integer"),
+        (dict(prompt="a", guidance=float("nan")), "guidance must be a finite"),
+        (dict(prompt="a", decoder_guidance=-1), "decoder_guidance"),
+        (dict(prompt="a", seed=-1), "seed must be in"),
+        (dict(prompt="a", num_images=9), "num_images"),
+    ],
+)
+def test_generate_rejects_bad_input(gen, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gen.generate(**kwargs)
+
+
+def test_answer_rejects_bad_images(gen, tmp_path):
+    bogus = tmp_path / "x.png"
+    bogus.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read an image"):
+        gen.answer(bogus, "Describe the image.")
+    with pytest.raises(ValueError, match="smaller than one"):
+        gen.answer(np.zeros((1, 1, 3), np.uint8), "Describe the image.")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (9000, 8000)).save(big)
+    with pytest.raises(ValueError, match="at most"):
+        gen.answer(big, "Describe the image.")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.answer(np.zeros((64, 64, 3), np.uint8), "q", max_new_tokens=0)
+
+
+def test_engine_folder_errors(tiny_engine_dir, tmp_path):
+    with pytest.raises(EngineFolderError, match="does not exist"):
+        Generator.from_dir(tmp_path / "nope")
+    with pytest.raises(EngineFolderError, match="has no manifest.json"):
+        Generator.from_dir(tmp_path)
+    with pytest.raises(EngineFolderError, match="not 4b"):
+        Generator.from_dir(tiny_engine_dir, variant="4b")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_engine_dir, broken)
+    (broken / "vae_decoder.fp32.onnx").write_bytes(b"garbage")
+    with pytest.raises(EngineFolderError, match="sha256.*rebuild with: python export/build_"):
+        Generator.from_dir(broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["format"] = 99
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineFolderError, match="manifest format 99"):
+        Generator.from_dir(broken)
+
+
+def test_generation_imports_no_torch(tiny_engine_dir):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from runtime.generator import Generator
+        with Generator.from_dir({str(tiny_engine_dir)!r}) as g:
+            g.generate("a red circle", seed=0, steps=2, decoder_steps=2)
+            g.answer(g.generate("a", steps=1, decoder_steps=1)[0], "q", max_new_tokens=2)
+        heavy = [m for m in sys.modules
+                 if m.split(".")[0] in ("torch", "transformers", "diffusers")]
+        assert not heavy, heavy
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
