@@ -80,7 +80,7 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
                 TensorSpec("rotary_pos_ids", "int64", ("patches", 2), low=0, high=d.max_patches),
                 TensorSpec("full_segments", "int64", ("patches",), low=0, high=d.max_patches),
                 TensorSpec("window_segments", "int64", ("patches",), low=0, high=d.max_patches),
-                TensorSpec("reverse_index", "int64", ("merged",), low=0, high=d.max_patches),
+                TensorSpec("reverse_index", "int64", ("merged",), low=0, high="merged"),
             ),
             outputs=(TensorSpec("image_embeds", F, ("merged", d.hidden)),),
             dims=(patches, merged),

@@ -55,13 +55,14 @@ class Dim:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output. `low`/`high` bound the values of integer inputs (inclusive)."""
+    """One graph input or output. `low`/`high` bound the values of integer inputs (inclusive);
+    `high` may name a dim, meaning that dim's size minus one (an index into it)."""
 
     name: str
     dtype: str  # "float" (graph precision), "float32", "int64", "int32", "bool"
     shape: tuple[int | str, ...]
     low: float | None = None
-    high: float | None = None
+    high: float | str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,12 @@ def trt_profile(spec: GraphSpec) -> dict[str, tuple[tuple[int, ...], ...]]:
     return {t.name: tuple(resolve_shape(t, s) for s in ends) for t in spec.inputs}
 
 
+def value_bounds(t: TensorSpec, sizes: dict[str, int]) -> tuple[float | None, float | None]:
+    """(low, high) of a tensor's values for given dim sizes."""
+    high = sizes[t.high] - 1 if isinstance(t.high, str) else t.high
+    return t.low, high
+
+
 def numpy_dtype(dtype: str, precision: str = "fp32") -> np.dtype:
     name = io_dtype(precision) if dtype == "float" else dtype
     if name == "bfloat16":
@@ -177,16 +184,17 @@ def sample_inputs(
     for t in spec.inputs:
         shape = resolve_shape(t, sizes)
         dtype = numpy_dtype(t.dtype, precision)
+        t_low, t_high = value_bounds(t, sizes)
         if dtype.kind == "f" or t.dtype == "float":
             value = rng.standard_normal(shape).astype(np.float32)
-            if t.low is not None or t.high is not None:
-                value = rng.uniform(t.low or 0.0, t.high or 1.0, shape).astype(np.float32)
+            if t_low is not None or t_high is not None:
+                value = rng.uniform(t_low or 0.0, t_high or 1.0, shape).astype(np.float32)
             feeds[t.name] = value.astype(dtype)
         elif dtype == np.bool_:
             feeds[t.name] = np.ones(shape, dtype=bool)
         else:
-            low = int(t.low if t.low is not None else 0)
-            high = int(t.high if t.high is not None else 100)
+            low = int(t_low if t_low is not None else 0)
+            high = int(t_high if t_high is not None else 100)
             feeds[t.name] = rng.integers(low, high + 1, shape).astype(dtype)
     return feeds
 
@@ -222,11 +230,14 @@ def check_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray], precision: str = 
                 raise ValueError(
                     f"{spec.name}.{t.name}: {name}={size} is outside [{dim.min}, {dim.max}]"
                 )
-        if (t.low is not None or t.high is not None) and value.size and value.dtype.kind in "iu":
+    for t in spec.inputs:
+        value = feeds[t.name]
+        t_low, t_high = value_bounds(t, sizes)
+        if (t_low is not None or t_high is not None) and value.size and value.dtype.kind in "iu":
             lo, hi = value.min(), value.max()
-            if (t.low is not None and lo < t.low) or (t.high is not None and hi > t.high):
+            if (t_low is not None and lo < t_low) or (t_high is not None and hi > t_high):
                 raise ValueError(
-                    f"{spec.name}.{t.name}: values in [{lo}, {hi}] outside [{t.low}, {t.high}]"
+                    f"{spec.name}.{t.name}: values in [{lo}, {hi}] outside [{t_low}, {t_high}]"
                 )
 
 
