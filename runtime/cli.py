@@ -1,0 +1,143 @@
+"""`python -m runtime generate|answer`: the runtime from the command line.
+
+    python -m runtime generate "a red circle" --engines engines/tiny-fp32 --out out.png
+    python -m runtime answer out.png "Describe the image." --engines engines/tiny-fp32
+
+User errors (bad arguments, a missing or corrupt engine folder, an unreadable image) print one
+line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from runtime.manifest import EngineFolderError
+from runtime.sessions import BACKENDS
+
+DEFAULT_ENGINES = Path("engines/tiny-fp32")
+
+
+def _open(args):
+    from runtime.generator import Generator
+
+    return Generator.from_dir(
+        args.engines, backend=args.backend, device=args.device, low_memory=args.low_memory
+    )
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm  # tqdm is light; fall back to no bar if it is absent
+
+    return tqdm(total=total, unit="step", leave=False)
+
+
+def cmd_generate(args) -> int:
+    timings: dict[str, float] = {}
+    with _open(args) as gen:
+        job = gen.start(
+            args.prompt,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            decoder_steps=args.decoder_steps,
+            decoder_guidance=args.decoder_guidance,
+            num_images=args.num_images,
+        )
+        bar = _bar_or_none(job.total, args.quiet)
+        while not job.done:
+            start = time.perf_counter()
+            stage = job.step()
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+            if bar is not None:
+                bar.set_description(stage)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        images = job.result()
+    out = Path(args.out)
+    paths = (
+        [out]
+        if len(images) == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    )
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(path)
+    if args.timings:
+        for stage, seconds in timings.items():
+            print(f"{stage:<12} {seconds * 1000:9.1f} ms")
+        print(f"{'total':<12} {sum(timings.values()) * 1000:9.1f} ms")
+    return 0
+
+
+def _bar_or_none(total: int, quiet: bool):
+    if quiet:
+        return None
+    try:
+        return _progress_bar(total)
+    except ImportError:
+        return None
+
+
+def cmd_answer(args) -> int:
+    with _open(args) as gen:
+        start = time.perf_counter()
+        if args.stream:
+            gen.answer(
+                args.image,
+                args.question,
+                max_new_tokens=args.max_new_tokens,
+                stream=lambda s: print(s, end="", flush=True),
+            )
+            print()
+        else:
+            print(gen.answer(args.image, args.question, max_new_tokens=args.max_new_tokens))
+        if args.timings:
+            print(f"answer: {(time.perf_counter() - start) * 1000:.1f} ms")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--engines", type=Path, default=DEFAULT_ENGINES, help="engine folder")
+    common.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    common.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ORT's EP)")
+    common.add_argument("--low-memory", action="store_true", help="one stage's sessions at a time")
+    common.add_argument("--timings", action="store_true", help="print per-stage times")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", parents=[common], help="text to image")
+    g.add_argument("prompt")
+    g.add_argument("--out", default="out.png", help="output image (suffixed -i for several)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, help="DiT flow steps (manifest default)")
+    g.add_argument("--guidance", type=float, help="DiT CFG scale (manifest default)")
+    g.add_argument("--decoder-steps", type=int, help="UNet steps (manifest default)")
+    g.add_argument("--decoder-guidance", type=float, help="UNet CFG scale (manifest default)")
+    g.add_argument("--num-images", type=int, default=1)
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("answer", parents=[common], help="answer a question about an image")
+    a.add_argument("image", type=Path)
+    a.add_argument("question")
+    a.add_argument("--max-new-tokens", type=int, default=32)
+    a.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
+    a.set_defaults(func=cmd_answer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (EngineFolderError, ValueError, TypeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
