@@ -1,0 +1,337 @@
+"""TensorRT sessions: a deserialized engine, device I/O buffers, one stream, CUDA graph replay.
+
+I/O buffers are allocated once from the spec (profile max; exact for a static spec). A run sets the
+input shapes, copies feeds into the input buffers (numpy or `DeviceArray`) and enqueues
+`execute_async_v3` on the session's stream; outputs are `DeviceArray`s over the session's output
+buffers (valid until its next run), so step loops stay on the device and `to_host` copies. A static
+spec (`export.trt_plan.pin_batch`) is captured into a CUDA graph on its first run, then replayed.
+Engines run in sequence on one stream share an `ActivationPool` (one buffer, the max of their
+`device_memory_size`). `tensorrt`/`cuda-python` (the `trt` extra) are imported only where needed;
+every decision that does not need them is a pure function here, tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.manifest import MANIFEST, EngineFolderError, rebuild_hint
+from runtime.spec import GraphSpec, check_feeds, io_dtype, numpy_dtype, profile_sizes, resolve_shape
+
+log = logging.getLogger(__name__)
+
+POOL_ALIGN = 256  # bytes; cudaMalloc returns 256-byte aligned memory anyway
+_TRT_FLOATS = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}  # others: lower-case
+_ENGINE_NAME = re.compile(r"\.trt(\d+(?:\.\d+)*)\.sm(\d+)(\d)\.plan$")
+_INSTALL = "install the `trt` extra (pip install 'blip3o-edge[trt]') on a machine with a GPU"
+
+
+# ---- pure decisions (no TensorRT, no CUDA) -------------------------------------------------------
+def buffer_plan(spec: GraphSpec, sizes: dict[str, int], precision: str = "fp32") -> dict:
+    """{tensor: (shape, numpy dtype, nbytes)} for every input and output at these symbol sizes."""
+    plan = {}
+    for t in spec.inputs + spec.outputs:
+        shape, dtype = resolve_shape(t, sizes), numpy_dtype(t.dtype, precision)
+        plan[t.name] = (shape, dtype, math.prod(shape) * dtype.itemsize)
+    return plan
+
+
+def max_buffer_plan(spec: GraphSpec, precision: str = "fp32") -> dict:
+    """The buffers a session allocates: at the profile max (the exact shapes of a static spec)."""
+    return buffer_plan(spec, profile_sizes(spec, "max"), precision)
+
+
+def capturable(spec: GraphSpec) -> bool:
+    """Whether runs can be captured into a CUDA graph: every dim pinned (min = max)."""
+    return spec.static
+
+
+def pool_size(sizes: list[int]) -> int:
+    """Bytes of one activation buffer shared by engines run in sequence: the max, aligned."""
+    bad = [s for s in sizes if not isinstance(s, int) or s < 0]
+    if bad:
+        raise ValueError(f"device memory sizes must be non-negative ints, got {bad}")
+    return -(-max(sizes, default=0) // POOL_ALIGN) * POOL_ALIGN
+
+
+def input_shapes(spec: GraphSpec, feeds_shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """The shapes to set on the context, in spec order, validated by `check_feeds` (names, ranks,
+    fixed axes, symbols agreeing across inputs, sizes within the profile) on zero-copy stand-ins."""
+    inputs = {t.name: t for t in spec.inputs}
+    stand_ins = {}
+    for name, shape in feeds_shapes.items():
+        t = inputs.get(name)
+        value = np.array(0.0) if t is None else np.array(t.low or 0, numpy_dtype(t.dtype))
+        stand_ins[name] = np.broadcast_to(value, tuple(shape))
+    check_feeds(spec, stand_ins)
+    return {name: tuple(feeds_shapes[name]) for name in spec.input_names}
+
+
+def check_engine_compat(entry: dict, trt_version: str, sm: tuple, manifest: dict | None = None):
+    """Raise `EngineFolderError` when a graph's engine (manifest `graphs[name]`) was built for
+    another TensorRT version or compute capability: engines survive neither. The message names
+    the field, the value built for, the value found and the rebuild command (exact with
+    `manifest`). Built-for values come from the engine file name (`x.fp8.trt10.8.0.sm90.plan`),
+    else the manifest; versions match on their common prefix ('10.8.0' accepts '10.8.0.43')."""
+    graph, engine = entry.get("spec", {}).get("name", "graph"), entry.get("engine") or {}
+    hint = rebuild_hint(manifest or {"backend": "tensorrt"})
+    if not engine:
+        raise EngineFolderError(f"{graph} has no TensorRT engine in this folder; build: {hint}")
+    match, manifest = _ENGINE_NAME.search(engine.get("file", "")), manifest or {}
+    want_trt, want_sm = manifest.get("tensorrt"), manifest.get("compute_capability")
+    want_sm = tuple(int(x) for x in want_sm.split(".")) if want_sm else None
+    if match:
+        want_trt, want_sm = match.group(1), (int(match.group(2)), int(match.group(3)))
+    have, want = str(trt_version).split("."), str(want_trt).split(".")
+    n = min(len(have), len(want))
+    sm_text = lambda v: ".".join(map(str, v)) if v else None  # noqa: E731
+    for field, built, found, ok in (
+        ("TensorRT version", want_trt, trt_version, want_trt and have[:n] == want[:n]),
+        ("compute capability", sm_text(want_sm), sm_text(sm), want_sm and want_sm == tuple(sm)),
+    ):
+        if not ok:
+            raise EngineFolderError(
+                f"{graph}: engine {engine.get('file')} was built for {field} {built}, but this "
+                f"machine has {field} {found}; engines do not survive that change: "
+                f"rebuild with: {hint}"
+            )
+
+
+def engine_io_errors(spec: GraphSpec, precision: str, io: dict[str, tuple[str, str]]) -> list:
+    """Mismatches of an engine's I/O {name: ('input' | 'output', TensorRT dtype)} with the spec."""
+    errors = []
+    for mode, tensors in (("input", spec.inputs), ("output", spec.outputs)):
+        have, names = sorted(n for n, (m, _) in io.items() if m == mode), [t.name for t in tensors]
+        if have != sorted(names):
+            errors.append(f"engine {mode}s {have}, spec {mode}s {sorted(names)}")
+        for t in (t for t in tensors if t.name in io):
+            want, kind = str(numpy_dtype(t.dtype, precision)), io[t.name][1]
+            if _TRT_FLOATS.get(kind, kind.lower()) != want:
+                errors.append(f"{t.name}: engine dtype {kind}, spec expects {want} at {precision}")
+    return errors
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A tensor in device memory, ordered on `stream`; valid until its session's next run."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    stream: Any = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+# ---- TensorRT / CUDA -----------------------------------------------------------------------------
+def _imports():
+    """(tensorrt, CUDA runtime bindings), or a RuntimeError naming the `trt` extra."""
+    try:
+        import tensorrt
+
+        try:
+            from cuda.bindings import runtime  # cuda-python >= 12.6
+        except ImportError:
+            from cuda import cudart as runtime
+    except ImportError as err:
+        raise RuntimeError(
+            f"the tensorrt backend needs TensorRT >= 10.1 and cuda-python ({err.name} is "
+            f"missing): {_INSTALL}"
+        ) from err
+    return tensorrt, runtime
+
+
+def _ok(result):
+    """Unwrap a cuda-python `(err, *values)` tuple, raising on an error."""
+    err, values = result[0], result[1:]
+    if getattr(err, "value", err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else (values or None)
+
+
+class ActivationPool:
+    """One activation buffer for engines that run in sequence on one stream, never concurrently.
+    Sessions record their engine's size in `sizes` when opened; the buffer is allocated on first
+    `acquire` at `pool_size` of them all and grown if a larger engine joins later (sessions see
+    the new address, rebind and recapture). Close it after the sessions that share it."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[int, int] = {}  # session id -> its engine's device_memory_size
+        self.ptr = self.nbytes = 0
+
+    def acquire(self, rt) -> tuple[int, int]:
+        need = pool_size(list(self.sizes.values()))
+        if need > self.nbytes:
+            self.close(rt)
+            self.ptr, self.nbytes = int(_ok(rt.cudaMalloc(need))), need
+        return self.ptr, self.nbytes
+
+    def close(self, rt=None) -> None:
+        if self.ptr:
+            rt = rt or _imports()[1]
+            _ok(rt.cudaDeviceSynchronize())
+            _ok(rt.cudaFree(self.ptr))
+        self.ptr = self.nbytes = 0
+
+
+class TrtSession:
+    def __init__(
+        self,
+        spec: GraphSpec,
+        path: str | Path,
+        *,
+        device: str = "cuda",
+        precision: str = "fp32",
+        stream=None,
+        activation_pool: ActivationPool | None = None,
+        cuda_graph: bool | None = None,
+    ) -> None:
+        io_dtype(precision)  # validates the precision name
+        if cuda_graph and not capturable(spec):
+            dynamic = [d.name for d in spec.dims if not d.static]
+            raise ValueError(
+                f"{spec.name}: cuda_graph=True needs every dim pinned, but {dynamic} "
+                "are dynamic; build with a static batch (export.trt_plan.pin_batch)"
+            )
+        if not re.fullmatch(r"cuda(:\d+)?", str(device)):
+            raise ValueError(f"TensorRT runs on device 'cuda' or 'cuda:N', got {device!r}")
+        self.spec, self.precision, self._closed = spec, precision, False
+        self._graph_wanted = capturable(spec) if cuda_graph is None else cuda_graph
+        index, (trt, rt), path = int(device[5:] or 0), _imports(), Path(path)
+        self._rt = rt
+        _ok(rt.cudaSetDevice(index))
+        props = _ok(rt.cudaGetDeviceProperties(index))
+        file = path.parent / MANIFEST  # check an engine listed in its folder's manifest
+        manifest = json.loads(file.read_text()) if file.is_file() else None
+        for entry in (manifest or {}).get("graphs", {}).values():
+            if (entry.get("engine") or {}).get("file") == path.name:
+                check_engine_compat(entry, trt.__version__, (props.major, props.minor), manifest)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engine
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise RuntimeError(
+                f"TensorRT {trt.__version__} could not deserialize {path}; "
+                f"rebuild with: {rebuild_hint(manifest)}"
+            )
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        modes = {trt.TensorIOMode.INPUT: "input", trt.TensorIOMode.OUTPUT: "output"}
+        io = {n: (modes[engine.get_tensor_mode(n)], engine.get_tensor_dtype(n).name) for n in names}
+        if errors := engine_io_errors(spec, precision, io):
+            raise ValueError(f"{path} does not match the {spec.name} spec: " + "; ".join(errors))
+        self._engine, self._own_pool = engine, activation_pool is None
+        self._pool = activation_pool or ActivationPool()
+        self._pool.sizes[id(self)] = int(engine.device_memory_size_v2)
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self._context = engine.create_execution_context(strategy)
+        self._plan = max_buffer_plan(spec, precision)
+        self._buffers = {n: int(_ok(rt.cudaMalloc(max(p[2], 1)))) for n, p in self._plan.items()}
+        for name, ptr in self._buffers.items():
+            self._context.set_tensor_address(name, ptr)
+        self._own_stream = stream is None
+        if stream is None:
+            stream = _ok(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+        self.stream = rt.cudaStream_t(stream) if isinstance(stream, int) else stream
+        self._bound = self._shapes = self._outs = self._graph = self._exec = None
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, DeviceArray]:
+        rt, ctx, spec = self._rt, self._context, self.spec
+        if all(isinstance(v, np.ndarray) for v in feeds.values()):
+            check_feeds(spec, feeds, self.precision)  # integer ranges too: bad ids fault on GPU
+        shapes = input_shapes(spec, {n: tuple(v.shape) for n, v in feeds.items()})
+        ptr, size = self._pool.acquire(rt)
+        if ptr != self._bound:  # first run, or the shared pool grew: rebind, recapture
+            ctx.set_device_memory(ptr, size)
+            self._bound = ptr
+            self._drop_graph()
+        if shapes != self._shapes:
+            for name, shape in shapes.items():
+                if not ctx.set_input_shape(name, shape):
+                    raise ValueError(f"{spec.name}: TensorRT rejected shape {shape} for {name}")
+            self._shapes = shapes
+            self._outs = {n: tuple(ctx.get_tensor_shape(n)) for n in spec.output_names}
+        for name in spec.input_names:
+            self._upload(name, feeds[name])
+        if self._exec is not None:
+            _ok(rt.cudaGraphLaunch(self._exec, self.stream))
+        else:
+            if not ctx.execute_async_v3(int(self.stream)):
+                raise RuntimeError(f"{spec.name}: TensorRT execute_async_v3 failed")
+            if self._graph_wanted:
+                self._capture()
+        dtypes = {n: self._plan[n][1] for n in self._outs}
+        return {
+            n: DeviceArray(self._buffers[n], s, dtypes[n], self.stream)
+            for n, s in self._outs.items()
+        }
+
+    def _upload(self, name: str, value) -> None:
+        rt, want, kinds = self._rt, self._plan[name][1], self._rt.cudaMemcpyKind
+        if value.dtype != want:
+            raise ValueError(f"{self.spec.name}.{name}: dtype {value.dtype}, expected {want}")
+        if isinstance(value, DeviceArray):
+            if value.ptr == self._buffers[name]:
+                return
+            if value.stream is not None and int(value.stream) != int(self.stream):
+                _ok(rt.cudaStreamSynchronize(value.stream))  # produced on another stream
+            src, nbytes, kind = value.ptr, value.nbytes, kinds.cudaMemcpyDeviceToDevice
+        else:
+            value = np.ascontiguousarray(value)
+            src, nbytes, kind = value.ctypes.data, value.nbytes, kinds.cudaMemcpyHostToDevice
+        _ok(rt.cudaMemcpyAsync(self._buffers[name], src, nbytes, kind, self.stream))
+
+    def _capture(self) -> None:
+        """Capture the engine launch (not the feed copies) into a CUDA graph for later runs."""
+        rt = self._rt
+        try:
+            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            _ok(rt.cudaStreamBeginCapture(self.stream, mode))
+            ok = self._context.execute_async_v3(int(self.stream))
+            self._graph = _ok(rt.cudaStreamEndCapture(self.stream))
+            if not ok:
+                raise RuntimeError("execute_async_v3 failed during capture")
+            self._exec = _ok(rt.cudaGraphInstantiate(self._graph, 0))
+        except RuntimeError as err:
+            log.warning("%s: CUDA graph capture failed (%s); running without", self.spec.name, err)
+            self._graph_wanted = False
+            self._drop_graph()
+
+    def _drop_graph(self) -> None:
+        if self._exec is not None:
+            _ok(self._rt.cudaGraphExecDestroy(self._exec))
+        if self._graph is not None:
+            _ok(self._rt.cudaGraphDestroy(self._graph))
+        self._graph = self._exec = None
+
+    def to_host(self, value: Any) -> np.ndarray:
+        if not isinstance(value, DeviceArray):
+            return np.asarray(value)
+        rt, out = self._rt, np.empty(value.shape, value.dtype)
+        stream = value.stream if value.stream is not None else self.stream
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _ok(rt.cudaMemcpyAsync(out.ctypes.data, value.ptr, value.nbytes, kind, stream))
+        _ok(rt.cudaStreamSynchronize(stream))
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed, rt = True, self._rt
+        _ok(rt.cudaStreamSynchronize(self.stream))
+        self._drop_graph()
+        self._context = self._engine = None
+        for ptr in self._buffers.values():
+            _ok(rt.cudaFree(ptr))
+        self._pool.sizes.pop(id(self), None)
+        if self._own_pool:
+            self._pool.close(rt)
+        if self._own_stream:
+            _ok(rt.cudaStreamDestroy(self.stream))
