@@ -29,6 +29,7 @@ from export.plan import (  # noqa: E402
     BuildRequest,
     build,
 )
+from runtime.graphs import GRAPHS, RUNTIME_GRAPHS  # noqa: E402
 
 log = logging.getLogger("build_engines")
 
@@ -50,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="engine folder (default engines/<variant>-<precision>)"
     )
-    parser.add_argument("--graphs", nargs="+", metavar="GRAPH", help="only these graphs")
+    parser.add_argument(
+        "--graphs",
+        nargs="+",
+        choices=GRAPHS,
+        metavar="GRAPH",
+        help=f"graphs to build (default: the runtime's {' '.join(RUNTIME_GRAPHS)}; "
+        f"all: {' '.join(GRAPHS)})",
+    )
     parser.add_argument(
         "--calibration-prompts",
         type=Path,

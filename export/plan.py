@@ -15,7 +15,7 @@ from pathlib import Path
 
 from export.stage_defs import onnx_precision
 from export.stages import REPO, EngineFolder, remove_partials, tool_versions
-from runtime.graphs import GRAPHS, graph_specs
+from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
 from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
 from runtime.spec import PRECISIONS
 
@@ -210,7 +210,8 @@ def build(request: BuildRequest) -> Path:
     source = ModelSource(request, precision)
     cfg = source.config
     specs = graph_specs(graph_dims(cfg))
-    names = [g for g in GRAPHS if request.graphs is None or g in request.graphs]
+    wanted = request.graphs or RUNTIME_GRAPHS
+    names = [g for g in GRAPHS if g in wanted]
     versions = tool_versions()
     manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
     factory = StageFactory(request, source, precision, specs, versions, sm, trt)

@@ -24,6 +24,9 @@ from runtime.spec import Dim, GraphSpec, TensorSpec
 
 GRAPHS = ("vision", "prefill", "decode", "dit", "dit_step", "unet", "unet_step", "vae_decoder")
 GENERATION_GRAPHS = ("prefill", "dit_step", "unet_step", "vae_decoder")
+# What the runtime runs (the default build): the raw `dit` / `unet` graphs duplicate the step
+# graphs' weights and are built only on request (`--graphs dit unet`).
+RUNTIME_GRAPHS = ("vision", "prefill", "decode", "dit_step", "unet_step", "vae_decoder")
 UNDERSTANDING_GRAPHS = ("vision", "prefill", "decode")
 
 

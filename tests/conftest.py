@@ -31,7 +31,7 @@ def tiny_pipeline(tiny_config, tiny_tokenizer):
     return ReferencePipeline(BLIP3o(tiny_config), Decoder(tiny_config.decoder), tiny_tokenizer)
 
 
-RUNTIME_GRAPHS = ("vision", "prefill", "decode", "dit_step", "unet_step", "vae_decoder")
+from runtime.graphs import RUNTIME_GRAPHS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 
 from export import build_engines, check
 from export.plan import BuildError, BuildRequest, build
-from runtime.graphs import GRAPHS
+from runtime.graphs import RUNTIME_GRAPHS
 from runtime.manifest import load_manifest, sha256_file
 from runtime.spec import spec_from_dict
 
@@ -27,8 +27,6 @@ def test_manifest_describes_the_folder(tiny_engine_dir):
 
 
 def test_second_run_is_a_no_op(tiny_engine_dir, caplog):
-    from tests.conftest import RUNTIME_GRAPHS
-
     before = {p.name: p.stat().st_mtime_ns for p in tiny_engine_dir.iterdir()}
     caplog.set_level("INFO", logger="export.stages")
     build(BuildRequest(variant="tiny", out=tiny_engine_dir, graphs=RUNTIME_GRAPHS, progress=False))
@@ -128,7 +126,8 @@ def test_checkpoint_of_another_variant(tmp_path, tiny_pipeline):
 def test_cli_dry_run_and_errors(capsys, tmp_path):
     assert build_engines.main(["--variant", "tiny", "--dry-run", "--out", str(tmp_path / "e")]) == 0
     plan = capsys.readouterr().out
-    assert all(f"export:{g}" in plan for g in GRAPHS) and "will run" in plan
+    assert all(f"export:{g}" in plan for g in RUNTIME_GRAPHS) and "will run" in plan
+    assert "export:unet " not in plan
     assert not (tmp_path / "e").exists()
     assert build_engines.main(["--variant", "8b", "--out", str(tmp_path / "e")]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
