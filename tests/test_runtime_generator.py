@@ -151,3 +151,19 @@ def test_generation_imports_no_torch(tiny_engine_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_fp16_engine_folder_matches_fp32(tmp_path_factory, gen):
+    """fp16 graphs (norms, RoPE and time embeddings kept in fp32) run in ORT CPU end to end.
+
+    Tolerance: max abs pixel difference <= 3 of 255 against the fp32 folder.
+    """
+    from export.plan import BuildRequest, build
+
+    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    graphs = ("prefill", "dit_step", "unet_step", "vae_decoder")
+    build(BuildRequest(variant="tiny", precision="fp16", out=out, graphs=graphs, progress=False))
+    with Generator.from_dir(out) as half:
+        a = np.asarray(half.generate("a red circle", seed=5, **FAST)[0]).astype(int)
+    b = np.asarray(gen.generate("a red circle", seed=5, **FAST)[0]).astype(int)
+    assert np.abs(a - b).max() <= 3

@@ -119,7 +119,9 @@ class Decoder(nn.Module):
         """UNet noise prediction: latents (B, 4, h, w), timestep (B,), features (B, 64, C)."""
         b = latents.shape[0]
         cond = {
-            "text_embeds": features.mean(dim=1),  # (B, C)
+            # float32 like the sinusoidal time-id embedding it is concatenated with inside the
+            # UNet (torch promotes a mixed concat; ONNX needs one dtype)
+            "text_embeds": features.mean(dim=1).float(),  # (B, C)
             "time_ids": self.time_ids.to(latents).expand(b, -1),  # (B, 6)
         }
         return self.unet(
