@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="prompt file for INT8/FP8 calibration (one per line; default: shapes-world prompts)",
     )
+    parser.add_argument(
+        "--calibration-steps",
+        nargs=2,
+        type=int,
+        metavar=("DIT", "UNET"),
+        help="sampler steps while calibrating (default: the sampler's 30 and 50)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument("--seed", type=int, default=0, help="seed of random tiny weights")
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         graphs=tuple(args.graphs) if args.graphs else None,
         calibration_prompts=args.calibration_prompts,
+        calibration_steps=tuple(args.calibration_steps) if args.calibration_steps else None,
         force=args.force,
         dry_run=args.dry_run,
         seed=args.seed,

@@ -149,3 +149,28 @@ def test_partial_leftovers_are_cleaned(tmp_path):
     (tmp_path / "keep.onnx").write_bytes(b"y")
     removed = remove_partials(tmp_path)
     assert len(removed) == 2 and os.listdir(tmp_path) == ["keep.onnx"]
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_folder(tmp_path, precision):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration\na red circle\ntwo blue squares\n")
+    out = tmp_path / f"tiny-{precision}"
+    build(
+        BuildRequest(
+            variant="tiny",
+            precision=precision,
+            out=out,
+            progress=False,
+            graphs=("dit_step", "vae_decoder"),
+            calibration_prompts=prompts,
+            calibration_steps=(3, 3),
+        )
+    )
+    m = load_manifest(out)
+    for name in ("dit_step", "vae_decoder"):
+        entry = m["graphs"][name]
+        assert entry["file"] == f"{name}.{precision}.onnx" and entry["precision"] == precision
+        q = entry["quantization"]
+        assert q["error_vs_fp32"]["cosine_min"] > 0.9
+    assert check.main([str(out)]) == 0

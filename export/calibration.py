@@ -1,0 +1,195 @@
+"""Calibration feeds for the Q/DQ generation graphs, recorded from the real sampler.
+
+Post-training quantization is only as good as the activations it calibrates on. A diffusion
+model's activations change a lot over the trajectory (pure noise at sigma = 1, almost data at the
+end), so the feeds here are recorded by running the PyTorch model through the same sampling loop
+the runtime runs, for every prompt and every step:
+
+* the DiT: flow sigmas/timesteps of `runtime.schedule.flow_sigmas`, CFG batch [zeros, cond],
+  Euler update `runtime.schedule.flow_euler_step`;
+* the decoder UNet: `runtime.schedule.euler_discrete_schedule` from the decoder config, CFG batch
+  [cond, negative] with the pipeline's cached negative features, `scale_model_input` then
+  `euler_discrete_step`;
+* the VAE: the final latents.
+
+Noise follows `training.flow.host_noise` (DiT noise first, decoder noise second); prompt `j` uses
+seed `seed + j`. The feeds are keyed by graph name and named like the spec inputs, with the
+spec's dtypes, so each one can be fed to the ONNX graph as is.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.schedule import (
+    cfg_combine,
+    euler_discrete_schedule,
+    euler_discrete_step,
+    flow_euler_step,
+    flow_sigmas,
+    flow_timesteps,
+    scale_model_input,
+)
+from training.data.shapes import format_caption, sample_spec
+from training.flow import host_noise
+from training.model.blip3o import BLIP3o
+from training.pipeline import ReferencePipeline
+
+log = logging.getLogger(__name__)
+
+Feeds = dict[str, np.ndarray]
+CALIBRATED_GRAPHS = ("dit", "dit_step", "unet", "unet_step", "vae_decoder")
+
+
+def default_prompts(n: int = 32, seed: int = 1234) -> list[str]:
+    """`n` distinct shapes-world captions drawn with a fixed seed (training distribution).
+
+    Drawn from the training caption grammar rather than the mini-GenEval prompt set, so that
+    calibrating does not touch the evaluation prompts.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    rng = np.random.default_rng(seed)
+    prompts: list[str] = []
+    for _ in range(100 * n):
+        caption = format_caption(sample_spec(rng))
+        if caption not in prompts:
+            prompts.append(caption)
+        if len(prompts) == n:
+            return prompts
+    raise ValueError(f"could not draw {n} distinct captions; got {len(prompts)}")
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts of a text file, one per line; blank lines and `#` comments are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration prompt file {path} does not exist")
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"calibration prompt file {path} holds no prompts")
+    return prompts
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+def _scalar(value: float) -> np.ndarray:
+    return np.array([value], dtype=np.float32)  # (1,)
+
+
+def _run(fn, feeds: Feeds, device) -> np.ndarray:
+    """Call a torch function on numpy feeds (positional, in spec order); numpy result."""
+    return _np(fn(*(torch.from_numpy(a).to(device) for a in feeds.values())))
+
+
+def _subsample(records: list[tuple[int, Feeds]], max_samples: int | None) -> list[Feeds]:
+    """Keep at most `max_samples` feeds, evenly over (step, prompt) so every step stays covered."""
+    if max_samples is None or len(records) <= max_samples:
+        return [feeds for _, feeds in records]
+    ordered = sorted(range(len(records)), key=lambda i: (records[i][0], i))  # step-major
+    picks = np.linspace(0, len(ordered) - 1, max_samples).round().astype(int)
+    return [records[ordered[i]][1] for i in picks]
+
+
+@torch.no_grad()
+def collect_step_feeds(
+    pipeline: ReferencePipeline,
+    prompts: list[str],
+    *,
+    steps: int,
+    guidance: float,
+    decoder_steps: int,
+    decoder_guidance: float,
+    seed: int = 0,
+    max_samples: int | None = None,
+) -> dict[str, list[Feeds]]:
+    """Record the exact feeds of the generation graphs while sampling each prompt in PyTorch.
+
+    Returns `{graph: [feeds, ...]}` for `dit_step` and `unet_step` (one feed per prompt and
+    step), `dit` and `unet` (their CFG-batch inputs at every step) and `vae_decoder` (one per
+    prompt). Batch size 1 per prompt. `max_samples` caps each graph's list, keeping feeds spread
+    evenly over the steps.
+    """
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    for name, value in (("steps", steps), ("decoder_steps", decoder_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+        raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
+    cfg = pipeline.config
+    dec = cfg.decoder
+    sigmas = flow_sigmas(steps)  # (steps + 1,)
+    timesteps = flow_timesteps(sigmas)  # (steps,) int64
+    sched = euler_discrete_schedule(
+        decoder_steps,
+        num_train_timesteps=dec.num_train_timesteps,
+        beta_start=dec.beta_start,
+        beta_end=dec.beta_end,
+        beta_schedule=dec.beta_schedule,
+        timestep_spacing=dec.timestep_spacing,
+        steps_offset=dec.steps_offset,
+    )
+    negative = _np(pipeline.negative_features())  # (1, 64, C)
+    feature_shape = (1, cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
+    latent_shape = (1, dec.latent_channels, dec.latent_size, dec.latent_size)
+    device = pipeline.device
+    records: dict[str, list[tuple[int, Feeds]]] = {g: [] for g in CALIBRATED_GRAPHS}
+
+    for j, prompt in enumerate(prompts):
+        noise, latent_noise = (_np(n) for n in host_noise(seed + j, feature_shape, latent_shape))
+        cond = _np(pipeline.conditioning(prompt))  # (1, 64, H)
+        cond_in = np.concatenate([np.zeros_like(cond), cond])  # (2, 64, H)
+        x = noise  # (1, C, s, s)
+        for i in range(steps):
+            t, sigma, sigma_next = timesteps[i : i + 1], sigmas[i], sigmas[i + 1]  # t: (1,) int64
+            step = dict(
+                latents=x,
+                timestep=t,
+                sigma=_scalar(sigma),
+                sigma_next=_scalar(sigma_next),
+                cond=cond,
+                guidance=_scalar(guidance),
+            )
+            batch = dict(x=np.concatenate([x, x]), timestep=np.repeat(t, 2), z_latents=cond_in)
+            records["dit_step"].append((i, step))
+            records["dit"].append((i, batch))
+            v = _run(pipeline.model.velocity, batch, device)  # (2, C, s, s) [uncond, cond]
+            x = flow_euler_step(x, cfg_combine(v[:1], v[1:], guidance), sigma, sigma_next)
+
+        features = BLIP3o.features_to_tokens(torch.from_numpy(x)).numpy()  # (1, 64, C)
+        feats_in = np.concatenate([features, negative])  # (2, 64, C)
+        latents = (latent_noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        for i in range(sched.steps):
+            t, sigma, sigma_next = sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1]
+            step = dict(
+                latents=latents,
+                timestep=_scalar(t),
+                sigma=_scalar(sigma),
+                sigma_next=_scalar(sigma_next),
+                features=features,
+                negative=negative,
+                guidance=_scalar(decoder_guidance),
+            )
+            sample = scale_model_input(np.concatenate([latents, latents]), sigma)  # (2, 4, l, l)
+            batch = dict(
+                sample=sample, timestep=np.full(2, t, np.float32), encoder_hidden_states=feats_in
+            )
+            records["unet_step"].append((i, step))
+            records["unet"].append((i, batch))
+            eps = _run(pipeline.decoder.epsilon, batch, device)  # (2, 4, l, l) [cond, neg]
+            eps = cfg_combine(eps[1:], eps[:1], decoder_guidance)
+            latents = euler_discrete_step(latents, eps, sigma, sigma_next)
+        records["vae_decoder"].append((0, {"latents": latents}))
+        log.debug("calibration prompt %d/%d recorded: %r", j + 1, len(prompts), prompt)
+
+    out = {g: _subsample(r, max_samples) for g, r in records.items()}
+    log.info("calibration feeds: %s", {g: len(v) for g, v in out.items()})
+    return out

@@ -1,0 +1,292 @@
+"""INT8 / FP8 Q/DQ quantization of the generation graphs on a seeded random tiny model.
+
+The tiny dit_step, unet_step and vae_decoder graphs are exported once at fp32; calibration feeds
+come from the real sampler (3 prompts x 4 steps), the error is measured on held-out feeds (other
+prompts and seeds). Random weights make the error bounds a smoke check of the recipe (Q/DQ
+placement, exclusions, calibration plumbing), not a statement about trained-model quality.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import quantize as q
+from export.calibration import collect_step_feeds, default_prompts, load_prompts
+from export.dims import graph_dims
+from export.onnx_export import export_graph, ort_session, run_ort
+from export.wrappers.generation import DiTStepGraph, UNetStepGraph, VAEDecoderGraph
+from runtime.graphs import graph_specs
+from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
+from runtime.spec import check_feeds
+
+STEPS = 4
+N_PROMPTS = 3
+SAMPLER = dict(steps=STEPS, guidance=3.0, decoder_steps=STEPS, decoder_guidance=3.0)
+GRAPHS = ("dit_step", "unet_step", "vae_decoder")
+# Measured on this model and these feeds (ModelOpt): output cosine >= 0.998 for every graph and
+# precision; the update of a step graph (next_latents - latents) >= 0.998 (DiT) and 0.982 / 0.975
+# (UNet, int8 / fp8); max |quant - fp32| <= 8% of max |fp32 output| (UNet fp8). Bounds have margin.
+OUTPUT_COSINE = {"int8": 0.995, "fp8": 0.99}
+UPDATE_COSINE = {"int8": 0.95, "fp8": 0.93}
+MAX_ABS_FRACTION = 0.15
+FLOAT8 = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_config, tiny_tokenizer):
+    """fp32 graphs of a seeded random tiny model, calibration and held-out feeds."""
+    from training.model.blip3o import BLIP3o
+    from training.model.decoder import Decoder
+    from training.pipeline import ReferencePipeline
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is as fast and immune to a busy machine
+    try:
+        torch.manual_seed(0)
+        model, decoder = BLIP3o(tiny_config), Decoder(tiny_config.decoder)
+        pipeline = ReferencePipeline(model, decoder, tiny_tokenizer)
+        prompts = default_prompts(N_PROMPTS + 2)
+        calib = collect_step_feeds(pipeline, prompts[:N_PROMPTS], seed=0, **SAMPLER)
+        held = collect_step_feeds(pipeline, prompts[N_PROMPTS:], seed=100, **SAMPLER)
+        capped = collect_step_feeds(pipeline, prompts[:2], max_samples=STEPS, **SAMPLER)
+        folder = tmp_path_factory.mktemp("quantize")
+        specs = graph_specs(graph_dims(tiny_config))
+        wrappers = {
+            "dit_step": DiTStepGraph(model.dit),
+            "unet_step": UNetStepGraph(decoder),
+            "vae_decoder": VAEDecoderGraph(decoder),
+        }
+        paths = {g: export_graph(w, specs[g], folder / f"{g}.onnx") for g, w in wrappers.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return dict(pipeline=pipeline, specs=specs, paths=paths, calib=calib, held=held,
+                capped=capped, folder=folder)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quantized(world):
+    """Quantize each (graph, precision, method) once, on first use."""
+    cache: dict[tuple, dict] = {}
+
+    def get(graph: str, precision: str, method: str = "modelopt") -> dict:
+        key = (graph, precision, method)
+        if key not in cache:
+            out = world["folder"] / f"{graph}.{precision}.{method}.onnx"
+            calib = world["calib"][graph]
+            src = world["paths"][graph]
+            cache[key] = q.quantize_graph(
+                src, out, precision=precision, calibration=calib, method=method
+            )
+        return cache[key]
+
+    return get
+
+
+def _dq_fed_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes with at least one input coming out of a DequantizeLinear."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in model.graph.node if any(i in dq for i in n.input)}
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration
+# ---------------------------------------------------------------------------------------------
+
+
+def test_calibration_records_every_step_with_spec_names(world):
+    calib, specs = world["calib"], world["specs"]
+    assert len(calib["dit_step"]) == len(calib["dit"]) == N_PROMPTS * STEPS
+    assert len(calib["unet_step"]) == len(calib["unet"]) == N_PROMPTS * STEPS
+    assert len(calib["vae_decoder"]) == N_PROMPTS
+    flow_t = flow_timesteps(flow_sigmas(STEPS))
+    euler_t = euler_discrete_schedule(STEPS).timesteps
+    assert sorted({int(f["timestep"][0]) for f in calib["dit_step"]}) == sorted(flow_t.tolist())
+    assert sorted({float(f["timestep"][0]) for f in calib["unet_step"]}) == sorted(euler_t.tolist())
+    for graph, feeds_list in calib.items():
+        for feeds in feeds_list:
+            check_feeds(specs[graph], feeds)  # names, dtypes, shapes and ranges of the spec
+
+
+def test_recorded_feeds_chain_through_the_fp32_step_graphs(world):
+    """Each recorded step feed is what the previous step's graph produces (runtime = reference)."""
+    for graph in ("dit_step", "unet_step"):
+        session = ort_session(world["paths"][graph])
+        feeds = world["calib"][graph][:STEPS]  # the first prompt's trajectory
+        for now, nxt in zip(feeds, feeds[1:]):
+            out = run_ort(session, now)["next_latents"]
+            np.testing.assert_allclose(out, nxt["latents"], rtol=1e-4, atol=1e-4)
+
+
+def test_max_samples_keeps_every_step(world):
+    feeds = world["capped"]  # 2 prompts x 4 steps capped at 4 feeds per graph
+    assert len(feeds["dit_step"]) == STEPS and len(feeds["vae_decoder"]) == 2
+    assert len({int(f["timestep"][0]) for f in feeds["dit_step"]}) == STEPS
+
+
+def test_prompts_files_and_defaults(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# calibration prompts\na red circle\n\n  two blue squares  \n#x\n")
+    assert load_prompts(path) == ["a red circle", "two blue squares"]
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_prompts(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+    prompts = default_prompts()
+    assert len(prompts) == len(set(prompts)) == 32 and prompts == default_prompts()
+
+
+# ---------------------------------------------------------------------------------------------
+# exclusions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_every_excluded_module_is_found(world, graph):
+    found = q.excluded_modules(graph, world["paths"][graph])
+    assert set(found) == set(q._KEEP[graph]) and all(found.values()), found
+    assert q.graph_of(world["paths"][graph]) == graph
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize(
+    ("graph", "modules"),
+    [
+        ("dit_step", ("time_caption_embed", "patch_embedder", "norm_out")),
+        ("vae_decoder", ("vae.decoder.conv_in", "vae.decoder.conv_out")),
+    ],
+)
+def test_excluded_nodes_have_no_qdq_inputs(world, quantized, graph, precision, modules):
+    found = q.excluded_modules(graph, world["paths"][graph])
+    report = quantized(graph, precision)
+    model = onnx.load(report["path"])
+    present = {n.name for n in model.graph.node}
+    fed = _dq_fed_nodes(model)
+    for module in modules:
+        names = set(found[module])
+        assert names <= present, f"{module}: excluded nodes renamed or lost"
+        assert not names & fed, f"{module}: Q/DQ on the inputs of {sorted(names & fed)}"
+    assert any(n.op_type == "MatMul" and n.name in fed for n in model.graph.node) or any(
+        n.op_type == "Conv" and n.name in fed for n in model.graph.node
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized graphs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_quantized_graph_runs_close_to_fp32(world, quantized, graph, precision):
+    report = quantized(graph, precision)
+    assert report["method"] == "modelopt" and report["fallback"] is None
+    assert report["quantize_linear"] > 0 and report["dequantize_linear"] > 0
+    model = onnx.load(report["path"])
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    zero_points = [n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    weights = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    want = FLOAT8 if precision == "fp8" else (onnx.TensorProto.INT8,)
+    assert zero_points and all(inits.get(z) in want for z in zero_points)  # activations
+    assert any(inits.get(w) in want for w in weights)  # weights stored quantized (DQ only)
+    assert [i.name for i in model.graph.input] == world["specs"][graph].input_names
+    assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16 for i in model.graph.input)
+
+    held = world["held"][graph]
+    err = q.measure_error(world["paths"][graph], report["path"], held)
+    logging.getLogger(__name__).info("%s %s error: %s", graph, precision, err)
+    assert err["cosine_min"] >= OUTPUT_COSINE[precision], err
+    assert err["max_abs"] <= MAX_ABS_FRACTION * err["ref_max_abs"], err
+    if graph != "vae_decoder":
+        update = q.measure_error(world["paths"][graph], report["path"], held, residual="latents")
+        assert update["cosine_min"] >= UPDATE_COSINE[precision], update
+
+
+def test_excluded_consumers_of_a_shared_quantized_tensor_get_it_back(tmp_path):
+    """One Q/DQ per activation feeds every consumer; an excluded consumer is rewired to the
+    original tensor (the DiT's final layer shared `silu(temb)` with the adaLN Gemms)."""
+    h = onnx.helper
+    w = onnx.numpy_helper.from_array(np.eye(2, dtype=np.float32), "w")
+    scale = onnx.numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "scale"], ["x_q"], name="q"),
+        h.make_node("DequantizeLinear", ["x_q", "scale"], ["x_dq"], name="dq"),
+        h.make_node("MatMul", ["x_dq", "w"], ["a"], name="quantized"),
+        h.make_node("MatMul", ["x_dq", "w"], ["b"], name="excluded"),
+    ]
+    info = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 2]) for n in "xab"]
+    graph = h.make_graph(nodes, "g", info[:1], info[1:], [w, scale])
+    path = tmp_path / "shared.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), path)
+    assert q._restore_excluded_inputs(path, ["excluded"]) == 1
+    inputs = {n.name: list(n.input) for n in onnx.load(path).graph.node}
+    assert inputs["excluded"] == ["x", "w"] and inputs["quantized"] == ["x_dq", "w"]
+
+
+def test_fp16_high_precision_keeps_float32_io(world, tmp_path):
+    out = tmp_path / "vae.int8.fp16.onnx"
+    src, calib = world["paths"]["vae_decoder"], world["calib"]["vae_decoder"]
+    report = q.quantize_graph(src, out, precision="int8", calibration=calib, high_precision="fp16")
+    model = onnx.load(out)
+    assert report["high_precision"] == "fp16"
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    io = [*model.graph.input, *model.graph.output]
+    assert all(t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for t in io)
+    err = q.measure_error(src, out, world["held"]["vae_decoder"])
+    assert err["cosine_min"] >= OUTPUT_COSINE["int8"], err
+
+
+def test_ort_quantize_static_gives_a_runnable_int8_graph(world, quantized):
+    report = quantized("dit_step", "int8", "ort")
+    assert report["method"] == "ort" and report["quantize_linear"] > 0
+    err = q.measure_error(world["paths"]["dit_step"], report["path"], world["held"]["dit_step"])
+    assert err["cosine_min"] >= OUTPUT_COSINE["int8"], err
+
+
+def test_modelopt_failure_falls_back_to_ort(world, monkeypatch, caplog, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated ModelOpt failure")
+
+    monkeypatch.setattr(q, "_modelopt", broken)
+    src, calib, out = world["paths"]["vae_decoder"], world["calib"]["vae_decoder"], tmp_path / "v"
+    with caplog.at_level(logging.WARNING, logger="export.quantize"):
+        report = q.quantize_graph(src, out, precision="int8", calibration=calib)
+    assert report["method"] == "ort" and "simulated ModelOpt failure" in report["fallback"]
+    assert "falling back to ORT" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["v"]  # no temporary folder left
+    feeds = world["held"]["vae_decoder"][0]
+    assert run_ort(ort_session(out), feeds)["images"].shape == (1, 3, 64, 64)
+    with pytest.raises(RuntimeError, match="ModelOpt fp8 failed on"):  # no fp8 fallback
+        q.quantize_graph(src, tmp_path / "v8", precision="fp8", calibration=calib)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_rejected(world, tmp_path):
+    src, calib = world["paths"]["vae_decoder"], world["calib"]["vae_decoder"]
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ValueError, match="one of int8, fp8, got 'int4'"):
+        q.quantize_graph(src, out, precision="int4", calibration=calib)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        q.quantize_graph(src, out, precision="int8", calibration=[])
+    with pytest.raises(ValueError, match="int8 only"):
+        q.quantize_graph(src, out, precision="fp8", calibration=calib, method="ort")
+    with pytest.raises(ValueError, match="method must be one of"):
+        q.quantize_graph(src, out, precision="int8", calibration=calib, method="trt")
+    with pytest.raises(ValueError, match="calibration feed 0 has inputs"):
+        q.quantize_graph(src, out, precision="int8", calibration=[{"x": np.zeros(1)}])
+    with pytest.raises(ValueError, match="'prefill' is not quantizable"):
+        q.exclusions("prefill", src)
+    with pytest.raises(ValueError, match="feeds_list is empty"):
+        q.measure_error(src, src, [])
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        collect_step_feeds(world["pipeline"], ["a"], **{**SAMPLER, "steps": 0})
+    assert not out.exists()
