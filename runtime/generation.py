@@ -73,8 +73,6 @@ class GenerationJob:
         side = dec["image_size"] // 2 ** (len(dec["vae_block_out_channels"]) - 1)
         latent_shape = (n, dec["latent_channels"], side, side)
         self.noise, self.latent_noise = draw_noise(params.seed, self.feature_shape, latent_shape)
-        self.sigmas = flow_sigmas(params.steps)
-        self.timesteps = flow_timesteps(self.sigmas)
         self.schedule = euler_discrete_schedule(
             params.decoder_steps,
             num_train_timesteps=dec["num_train_timesteps"],
@@ -114,23 +112,10 @@ class GenerationJob:
         cond = np.repeat(cond, p.num_images, axis=0).astype(io)
         yield "prefill"
         self.stage = "dit"
-        latents = self.noise.astype(io)
-        dit = gen.session("dit_step")
-        for i in range(p.steps):
-            latents = dit.run(
-                {
-                    "latents": latents,
-                    "timestep": scalar(self.timesteps[i], np.int64),
-                    "sigma": scalar(self.sigmas[i]),
-                    "sigma_next": scalar(self.sigmas[i + 1]),
-                    "cond": cond,
-                    "guidance": scalar(p.guidance),
-                }
-            )["next_latents"]
-            yield "dit"
-        grid = dit.to_host(latents).astype(np.float32)  # (N, C, 8, 8)
-        gen.release("dit_step")
-        features = grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1)  # (N, 64, C)
+        features = None
+        for features in flow_features(gen, cond, self.noise, p.steps, p.guidance):
+            if features is None:
+                yield "dit"
         negative = gen.negative_features()  # (1, 64, C)
         self.stage = "unet"
         s = self.schedule
@@ -158,6 +143,33 @@ class GenerationJob:
         self._images = [to_pil(x) for x in images]
         self.stage = "done"
         yield "vae_decoder"
+
+
+def flow_features(gen, cond: np.ndarray, noise: np.ndarray, steps: int, guidance: float):
+    """Guided flow sampling with the fused `dit_step` graph.
+
+    A generator: yields None after each step, then the (N, 64, C) feature tokens (host, float32).
+    cond (N, 64, H) and noise (N, C, 8, 8) are host arrays.
+    """
+    sigmas = flow_sigmas(steps)
+    timesteps = flow_timesteps(sigmas)
+    dit = gen.session("dit_step")
+    latents = noise.astype(gen.io_dtype)
+    cond = cond.astype(gen.io_dtype)
+    for i in range(steps):
+        feeds = {
+            "latents": latents,
+            "timestep": scalar(timesteps[i], np.int64),
+            "sigma": scalar(sigmas[i]),
+            "sigma_next": scalar(sigmas[i + 1]),
+            "cond": cond,
+            "guidance": scalar(guidance),
+        }
+        latents = dit.run(feeds)["next_latents"]
+        yield None
+    grid = dit.to_host(latents).astype(np.float32)  # (N, C, 8, 8)
+    gen.release("dit_step")
+    yield grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1).copy()  # (N, 64, C)
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.generation import GenerationJob, GenerationParams, draw_noise, scalar
+from runtime.generation import GenerationJob, GenerationParams, draw_noise, flow_features
 from runtime.manifest import (
     EngineFolderError,
     atomic_write_bytes,
@@ -32,7 +32,6 @@ from runtime.manifest import (
     rebuild_hint,
     verify_file,
 )
-from runtime.schedule import flow_sigmas, flow_timesteps
 from runtime.sessions import BACKENDS, open_session
 from runtime.spec import io_dtype
 from runtime.text import PromptEncoder
@@ -193,23 +192,7 @@ class Generator:
         shape = (1, d["in_channels"], d["input_size"], d["input_size"])
         (noise,) = draw_noise(s["negative_seed"], shape)
         cond = self.conditioning(self.manifest["template"]["negative_prompt"], template=False)
-        sigmas = flow_sigmas(s["steps"])
-        steps = flow_timesteps(sigmas)
-        dit = self.session("dit_step")
-        x = noise.astype(self.io_dtype)
-        for i in range(s["steps"]):
-            x = dit.run(
-                {
-                    "latents": x,
-                    "timestep": scalar(steps[i], np.int64),
-                    "sigma": scalar(sigmas[i]),
-                    "sigma_next": scalar(sigmas[i + 1]),
-                    "cond": cond.astype(self.io_dtype),
-                    "guidance": scalar(s["guidance"]),
-                }
-            )["next_latents"]
-        grid = dit.to_host(x).astype(np.float32)
-        negative = grid.reshape(1, grid.shape[1], -1).transpose(0, 2, 1).copy()  # (1, 64, C)
+        *_, negative = flow_features(self, cond, noise, s["steps"], s["guidance"])  # (1, 64, C)
         try:
             buf = io.BytesIO()
             np.save(buf, negative)
