@@ -23,8 +23,13 @@ DEFAULT_ENGINES = Path("engines/tiny-fp32")
 def _open(args):
     from runtime.generator import Generator
 
+    options = {"threads": args.threads} if args.threads and args.backend == "onnxruntime" else None
     return Generator.from_dir(
-        args.engines, backend=args.backend, device=args.device, low_memory=args.low_memory
+        args.engines,
+        backend=args.backend,
+        device=args.device,
+        low_memory=args.low_memory,
+        session_options=options,
     )
 
 
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ORT's EP)")
     common.add_argument("--low-memory", action="store_true", help="one stage's sessions at a time")
     common.add_argument("--timings", action="store_true", help="print per-stage times")
+    common.add_argument("--threads", type=int, help="intra-op threads per ONNX Runtime session")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     g = sub.add_parser("generate", parents=[common], help="text to image")

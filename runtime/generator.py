@@ -51,6 +51,7 @@ class Generator:
         device: str,
         low_memory: bool,
         variant: str | None = None,
+        session_options: dict | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -68,6 +69,7 @@ class Generator:
         host = manifest["host"]
         self.embeddings = np.load(folder / host["embeddings"]["file"], mmap_mode="r")  # (V, H)
         self.latent_queries = np.load(folder / host["latent_queries"]["file"])  # (1, 64, H)
+        self.session_options = dict(session_options or {})
         self._sessions: dict = {}
         self._negative: np.ndarray | None = None
         self._lock = threading.RLock()
@@ -82,8 +84,12 @@ class Generator:
         low_memory: bool = False,
         variant: str | None = None,
         verify: bool = True,
+        session_options: dict | None = None,
     ) -> Generator:
-        """Open an engine folder; `verify` checks every listed file's sha256 first."""
+        """Open an engine folder; `verify` checks every listed file's sha256 first.
+
+        `session_options` go to every session (e.g. `{"threads": 1}` for ONNX Runtime).
+        """
         folder = Path(path)
         manifest = load_manifest(folder)
         if verify:
@@ -94,7 +100,13 @@ class Generator:
         if "host" not in manifest:
             raise EngineFolderError(f"{folder}: build did not finish; run {rebuild_hint(manifest)}")
         return cls(
-            folder, manifest, backend=backend, device=device, low_memory=low_memory, variant=variant
+            folder,
+            manifest,
+            backend=backend,
+            device=device,
+            low_memory=low_memory,
+            variant=variant,
+            session_options=session_options,
         )
 
     # sessions -------------------------------------------------------------------------------
@@ -115,7 +127,12 @@ class Generator:
             else:
                 path = self.folder / entry["file"]
             self._sessions[name] = open_session(
-                spec, path, self.backend, device=self.device, precision=self.precision
+                spec,
+                path,
+                self.backend,
+                device=self.device,
+                precision=self.precision,
+                **self.session_options,
             )
         return self._sessions[name]
 

@@ -1,0 +1,200 @@
+"""Benchmarks: the scripts run end to end (fields, not timings) and the roofline counter is exact.
+
+The FLOP counter is checked by hand on single layers, then against `FlopCounterMode` and the
+parameter counts of the real modules (our NextDiT, diffusers' UNet and VAE, transformers' Qwen)
+at the tiny preset, and against published parameter counts at the real sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import gpu_models, latency, latency_report, roofline  # noqa: E402
+from training.config import DecoderConfig, from_preset  # noqa: E402
+
+
+def flops(fn) -> int:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run_script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=300,
+    )  # fmt: skip
+
+
+# roofline counter ------------------------------------------------------------------------------
+def test_counter_by_hand_matches_torch_on_single_layers():
+    assert roofline.linear(3, 4, 5) == roofline.Cost(2 * 3 * 4 * 5, 4 * 5 + 5)
+    lin = torch.nn.Linear(4, 5)
+    assert flops(lambda: lin(torch.randn(3, 4))) == 120 and params(lin) == 25
+    # a 3x3 conv, 2 -> 3 channels, 4x4 output: 2 * 16 pixels * 3 * 2 * 9
+    assert roofline.conv2d(1, 2, 3, 4) == roofline.Cost(1728, 2 * 3 * 9 + 3)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+    assert flops(lambda: conv(torch.randn(1, 2, 4, 4))) == 1728 and params(conv) == 57
+    # attention: Q K^T and A V, each 2 * 3 * 5 * 4 per head, 2 heads
+    assert roofline.attention(1, 2, 3, 5, 4).flops == 480
+    q, kv = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    assert flops(lambda: F.scaled_dot_product_attention(q, kv, kv)) == 480
+
+
+def test_counter_equals_the_real_tiny_modules(tiny_pipeline):
+    cfg = tiny_pipeline.config
+    d, dec, b = cfg.dit, cfg.decoder, cfg.backbone
+    dit = tiny_pipeline.model.dit
+    x, t = torch.randn(2, d.in_channels, 8, 8), torch.tensor([5, 5])
+    z = torch.randn(2, 64, d.latent_embedding_size)
+    assert roofline.dit_cost(d, 2) == roofline.Cost(flops(lambda: dit(x, t, z)), params(dit))
+    decoder, ls = tiny_pipeline.decoder, dec.latent_size
+    eps = lambda: decoder.epsilon(torch.randn(2, 4, ls, ls), torch.tensor([5.0, 5.0]),  # noqa: E731
+                                  torch.randn(2, 64, dec.cross_attention_dim))  # fmt: skip
+    assert roofline.unet_cost(dec, 2) == roofline.Cost(flops(eps), params(decoder.unet))
+    vae = decoder.vae
+    vae_params = params(vae.decoder) + params(vae.post_quant_conv)
+    vae_flops = flops(lambda: decoder.decode_latents(torch.randn(1, 4, ls, ls)))
+    assert roofline.vae_decoder_cost(dec, 1) == roofline.Cost(vae_flops, vae_params)
+    lm = tiny_pipeline.model.qwen.model.language_model
+    pos = torch.arange(20).view(1, 1, -1).expand(3, 1, 20)
+    lm_flops = flops(lambda: lm(inputs_embeds=torch.randn(1, 20, b.hidden_size),
+                                position_ids=pos, use_cache=False))  # fmt: skip
+    cost = roofline.prefill_cost(b, 20, lm_head_tokens=0)
+    assert cost.flops == lm_flops
+    assert cost.params + b.vocab_size * b.hidden_size == params(lm)  # + the embedding table
+
+
+def test_counter_matches_published_parameter_counts():
+    assert roofline.dit_cost(from_preset("4b").dit, 2).params == 1_362_257_824
+    assert roofline.dit_cost(from_preset("8b").dit, 2).params == 1_365_010_336
+    # SDXL's UNet: cross-attention 2048 and a 2816-wide added embedding (ours: 1792 and 3328)
+    sdxl = dataclasses.replace(DecoderConfig(), cross_attention_dim=2048)
+    width_fix = (2816 - sdxl.projection_class_embeddings_input_dim) * 1280
+    assert roofline.unet_cost(sdxl, 1).params + width_fix == 2_567_463_684
+
+
+def test_lower_bounds_are_consistent(tmp_path):
+    graphs = roofline.graph_costs("4b")
+    h100, h200 = roofline.DEVICES["h100-sxm"], roofline.DEVICES["h200"]
+    b16 = roofline.image_bound(graphs, h100, "16-bit")
+    assert b16["unet_step"] > 0.5 * b16["total"]  # the UNet dominates
+    assert roofline.image_bound(graphs, h100, "8-bit")["total"] < b16["total"]
+    assert roofline.image_bound(graphs, h200, "16-bit")["total"] <= b16["total"]
+    roofline.main(["--json", str(tmp_path / "r.json")])
+    assert set(json.loads((tmp_path / "r.json").read_text())["variants"]) == {"4b", "8b"}
+
+
+# GPU stand-ins and check -------------------------------------------------------------------------
+def test_standins_have_diffusers_layout(tiny_pipeline):
+    dec, ls = tiny_pipeline.config.decoder, tiny_pipeline.config.decoder.latent_size
+    unet, vae = gpu_models.UNetStandIn(dec), gpu_models.VAEDecoderStandIn(dec)
+    assert params(unet) == params(tiny_pipeline.decoder.unet)
+    assert params(vae) == roofline.vae_decoder_cost(dec).params
+    args = (torch.randn(2, 4, ls, ls), torch.tensor([5.0, 5.0]), torch.randn(2, 64, 32),
+            torch.randn(2, 32), torch.tensor([dec.time_ids] * 2, dtype=torch.float32))  # fmt: skip
+    assert flops(lambda: unet(*args)) == roofline.unet_cost(dec, 2).flops
+    assert flops(lambda: vae(torch.randn(1, 4, ls, ls))) == roofline.vae_decoder_cost(dec).flops
+    with torch.device("meta"):  # the true 4b sizes, without allocating
+        big = from_preset("4b").decoder
+        assert params(gpu_models.UNetStandIn(big)) == roofline.unet_cost(big, 2).params
+        assert params(gpu_models.VAEDecoderStandIn(big)) == roofline.vae_decoder_cost(big).params
+
+
+def test_fp8_linear_is_close_to_the_linear():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    fp8 = gpu_models.FP8Linear(lin)
+    with torch.no_grad():
+        ref, out = lin(x), fp8(x)
+        assert (out - ref).norm() / ref.norm() < 0.1
+        assert torch.equal(fp8(x[:3]), lin(x[:3]))  # rows not a multiple of 16: plain path
+
+
+def test_gpu_check_dry_run_writes_json(tmp_path):
+    proc = run_script("benchmarks/gpu_check.py", "--dry-run", env={"OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["dry_run"] and data["stopped"] is None
+    assert data["forbidden_imports"] == []  # no diffusers / onnxruntime / tensorrt
+    for name in ("prefill", "dit_step", "unet_step", "vae_decoder"):
+        comp = data["components"][name]
+        assert comp["gflop"] > 0 and comp["variants"]["eager-fp32"]["median_ms"] > 0
+    assert "median_ms" in data["components"]["dit_step"]["variants"]["fp8-linear"]
+    loops = data["per_image"]["loop"]
+    assert loops["eager-fp32"]["median_ms"] > 0
+    assert loops["best"]["median_ms"] > 0 and loops["best"]["paths"]["dit_step"] == "fp8-linear"
+    assert set(data["targets"]) == {"dit_optimized_vs_eager", "unet_optimized_vs_eager",
+                                    "image_ms_on_h100"}  # fmt: skip
+    assert any("torch.compile" in s for s in data["skipped"])
+
+
+# latency ---------------------------------------------------------------------------------------
+def test_latency_quick_writes_json_table_and_chart(tiny_engine_dir, tmp_path):
+    proc = run_script("benchmarks/latency.py", "--engines", str(tiny_engine_dir), "--reference",
+                      "--quick", "--threads", "1", "--out", str(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runtime_vs_reference" in proc.stdout
+    data = json.loads((tmp_path / "latency.json").read_text())
+    assert {"machine", "variant", "resolution", "settings", "configs", "ratios", "targets"} <= set(
+        data
+    )
+    assert data["settings"]["steps"] == 2 and data["settings"]["runs"] == 1
+    names = [c["name"] for c in data["configs"]]
+    assert names == ["reference", "ort-fp32"]
+    for c in data["configs"]:
+        assert {"backend", "precision", "variant", "load_s", "first_generate_s", "peak_rss_bytes",
+                "versions"} <= set(c)  # fmt: skip
+        assert {"min", "p50", "p90"} <= set(c["generate"]["seconds"])
+        assert 0 <= c["generate"]["host_overhead_share"] < 1
+        graphs = set(c["generate"]["per_call_ms"]) | set(c["answer"]["per_call_ms"])
+        assert {"prefill", "dit_step", "unet_step", "vae_decoder", "vision", "decode"} <= graphs
+    assert [c["torch_imported"] for c in data["configs"]] == [True, False]
+    assert set(data["ratios"]["runtime_vs_reference"]["ort-fp32"]) == {"generate", "answer"}
+    assert "ort-fp32" in data["targets"]["host_overhead_le_5pct"]
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def test_latency_ratios_for_a_quantized_folder():
+    def runs(seconds, dit_ms):
+        calls = {"prefill": [0.01], "dit_step": [dit_ms / 1e3] * 2, "vision": [0.01]}
+        return [{"seconds": seconds, "calls": calls}]
+
+    def config(name, kind, precision, seconds, dit_ms):
+        return {"name": name, "kind": kind, "precision": precision,
+                "generate_runs": runs(seconds, dit_ms),
+                "answer_runs": runs(seconds / 2, dit_ms)}  # fmt: skip
+
+    configs = [
+        config("reference", "reference", "fp32", 4.0, 20),
+        config("ort-fp32", "runtime", "fp32", 1.0, 10),
+        config("ort-int8", "runtime", "int8", 0.5, 5),
+        {"name": "broken", "error": "boom"},
+    ]
+    result = latency_report.summarize({"configs": configs})
+    assert result["ratios"]["runtime_vs_reference"]["ort-fp32"]["generate"] == pytest.approx(4.0)
+    assert result["ratios"]["quantized_vs_fp32"]["ort-int8"]["dit_step"] == pytest.approx(2.0)
+    assert result["targets"]["runtime_vs_reference_ge_2x"]["ort-int8"]["met"]
+
+
+def test_latency_names_the_build_command_for_a_missing_folder(tmp_path):
+    with pytest.raises(SystemExit, match="export/build_engines.py"):
+        latency.main(["--engines", str(tmp_path / "tiny-int8")])
