@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run again to resume", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, permissions: the stage's temporary files are gone
+        print(f"error: {err}; finished stages are kept, run again to resume", file=sys.stderr)
+        return 1
     if not args.dry_run:
         print(f"engine folder ready: {folder}")
     return 0

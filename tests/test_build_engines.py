@@ -174,3 +174,25 @@ def test_quantized_folder(tmp_path, precision):
         q = entry["quantization"]
         assert q["error_vs_fp32"]["cosine_min"] > 0.9
     assert check.main([str(out)]) == 0
+
+
+def test_disk_full_mid_stage_keeps_earlier_artifacts(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import export.onnx_export as onnx_export
+
+    out = tmp_path / "tiny-fp32"
+    real = onnx_export.export_graph
+
+    def full(module, spec, path, **kw):
+        if spec.name == "vae_decoder":
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(module, spec, path, **kw)
+
+    monkeypatch.setattr(onnx_export, "export_graph", full)
+    args = ["--variant", "tiny", "--out", str(out), "--graphs", "dit_step", "vae_decoder", "-q"]
+    assert build_engines.main(args) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert "dit_step.fp32.onnx" in names and not [n for n in names if "vae" in n or "partial" in n]
