@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random tiny weights")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="seeded random weights instead of a checkpoint (true shapes, for latency work)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         force=args.force,
         dry_run=args.dry_run,
         seed=args.seed,
+        random_weights=args.random_weights,
         progress=not args.quiet,
     )
     try:

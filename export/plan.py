@@ -47,6 +47,7 @@ class BuildRequest:
     force: bool = False
     dry_run: bool = False
     seed: int = 0
+    random_weights: bool = False  # seeded random weights, e.g. 4b/8b shapes for latency only
     progress: bool = True
     calibration_steps: tuple[int, int] | None = None  # (DiT, UNet) steps; sampler's by default
 
@@ -64,11 +65,13 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
     bad = sorted(set(request.graphs or ()) - set(GRAPHS))
     if bad:
         raise BuildError(f"unknown graph(s) {bad}; valid: {', '.join(GRAPHS)}")
-    if request.variant != "tiny" and request.checkpoint is None:
+    if request.random_weights and request.checkpoint is not None:
+        raise BuildError("--random-weights and --checkpoint exclude each other")
+    if request.variant != "tiny" and request.checkpoint is None and not request.random_weights:
         raise BuildError(
             f"--variant {request.variant} needs --checkpoint DIR: BLIP3-o's weights are not "
             f"bundled. Download the published checkpoint ({PUBLISHED[request.variant]}) and "
-            "pass its folder."
+            "pass its folder (or --random-weights for latency work at the true shapes)."
         )
     if request.checkpoint is not None and not request.checkpoint.is_dir():
         raise BuildError(f"checkpoint folder {request.checkpoint} does not exist")
@@ -126,6 +129,7 @@ class ModelSource:
         ckpt = request.checkpoint
         if (
             ckpt is None
+            and not request.random_weights
             and request.variant == "tiny"
             and (TINY_CHECKPOINT / "config.json").exists()
         ):
@@ -150,7 +154,7 @@ class ModelSource:
 
             self.config = from_preset(request.variant)
             self.hash = f"random-weights-seed-{request.seed}"
-            self.label = f"RANDOM weights (seed {request.seed}): no trained tiny checkpoint"
+            self.label = f"RANDOM weights (seed {request.seed}): not a trained model"
 
     @property
     def pipeline(self):

@@ -36,7 +36,8 @@ from runtime.graphs import RUNTIME_GRAPHS  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_engine_dir(tmp_path_factory):
-    """A tiny fp32 engine folder (seeded random weights), built once per test session."""
+    """A tiny fp32 engine folder built once per test session, from the shipped trained checkpoint
+    (checkpoints/tiny) when the repository has one, else from seeded random weights."""
     from export.plan import BuildRequest, build
 
     out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
@@ -45,8 +46,13 @@ def tiny_engine_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_engine_dir):
-    """The PyTorch reference pipeline with the same seeded weights as `tiny_engine_dir`."""
+    """The PyTorch reference pipeline with the same weights as `tiny_engine_dir`."""
     from export.plan import random_pipeline
-    from training.config import from_preset
+    from runtime.manifest import load_manifest
+    from training.checkpoint import load_pipeline
+    from training.config import from_dict
 
-    return random_pipeline(from_preset("tiny"), 0)
+    manifest = load_manifest(tiny_engine_dir)
+    if manifest["checkpoint"]["path"]:
+        return load_pipeline(manifest["checkpoint"]["path"])
+    return random_pipeline(from_dict(manifest["config"]), 0)

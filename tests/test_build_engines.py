@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,11 @@ from runtime.spec import spec_from_dict
 def test_manifest_describes_the_folder(tiny_engine_dir):
     m = load_manifest(tiny_engine_dir)
     assert (m["variant"], m["precision"], m["backend"]) == ("tiny", "fp32", "onnxruntime")
-    assert "RANDOM weights" in m["weights"] and m["checkpoint"]["hash"] == "random-weights-seed-0"
+    if m["checkpoint"]["path"]:  # the shipped trained checkpoint
+        assert m["weights"].startswith("checkpoint") and len(m["checkpoint"]["hash"]) == 64
+    else:
+        assert "RANDOM weights" in m["weights"]
+        assert m["checkpoint"]["hash"] == "random-weights-seed-0"
     assert m["sampler"]["steps"] == 30 and m["sampler"]["image_size"] == 64
     assert m["template"]["generation_instruction"].startswith("Please generate image")
     assert m["tools"]["onnxruntime"] and m["tools"]["torch"]
@@ -73,6 +78,7 @@ def test_interrupted_build_leaves_no_partial_files(tmp_path, monkeypatch):
         (dict(variant="tiny", backend="coreml"), "unknown backend"),
         (dict(variant="tiny", graphs=("unet", "clip")), r"unknown graph\(s\) \['clip'\]"),
         (dict(variant="4b"), "needs --checkpoint DIR.*huggingface.co/BLIP3o/BLIP3o-Model-4B"),
+        (dict(variant="tiny", random_weights=True, checkpoint=Path(".")), "exclude each other"),
     ],
 )
 def test_bad_requests(kwargs, match, tmp_path):
@@ -196,3 +202,8 @@ def test_disk_full_mid_stage_keeps_earlier_artifacts(tmp_path, monkeypatch, caps
     assert "No space left on device" in capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
     assert "dit_step.fp32.onnx" in names and not [n for n in names if "vae" in n or "partial" in n]
+
+
+def test_random_weights_at_4b_shapes_need_no_checkpoint(tmp_path, capsys):
+    build(BuildRequest(variant="4b", random_weights=True, dry_run=True, out=tmp_path / "x"))
+    assert "RANDOM weights" in capsys.readouterr().out

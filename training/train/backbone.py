@@ -1,0 +1,135 @@
+"""BLIP3-o's two stages on the backbone: understanding (stage 1), then generation (stage 2).
+
+`understanding`: the whole tiny Qwen2.5-VL (vision tower + LM) learns the three question types in
+exactly the chat layout `ReferencePipeline.answer` prompts with (`understanding_text`, the
+processor's patches, `mm_token_type_ids`); the loss covers the answer tokens and the closing
+`<|im_end|>` only, so greedy decoding stops where the answer does.
+
+`generation`: the backbone is frozen; the 64 latent queries and the DiT learn by flow matching
+(`training.flow.flow_matching_loss`: sigma uniform over 1000 levels, 10% all-zero conditioning)
+to generate the normalized target features of each training image from the conditioning of its
+caption's generation prompt (`generation_ids`, BLIP3-o's format). The backbone forward is the
+expensive half of a step, so each prompt's conditioning is reused for `repeats` noise draws.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.config import ModelConfig
+from training.data.shapes import Scene, sample_qa
+from training.flow import flow_matching_loss
+from training.model.backbone import generation_ids, understanding_text
+from training.model.blip3o import BLIP3o
+from training.pipeline import image_processor
+
+IGNORE = -100
+
+
+class UnderstandingObjective(nn.Module):
+    """Next-token cross-entropy on answer tokens (+ `<|im_end|>`) of image chats."""
+
+    def __init__(self, model: BLIP3o) -> None:
+        super().__init__()
+        self.qwen = model.qwen
+
+    def forward(self, **batch):
+        labels = batch.pop("labels")  # (B, S)
+        logits = self.qwen(**batch).logits[:, :-1].float()  # (B, S-1, V)
+        target = labels[:, 1:]
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE)
+        mask = target != IGNORE
+        token_acc = ((logits.argmax(-1) == target) & mask).sum() / mask.sum()
+        return loss, {"token_acc": token_acc}
+
+
+class UnderstandingBatcher:
+    """Scenes -> padded chat batches with labels on the answers."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.processor = image_processor(cfg)
+        v = cfg.backbone.vision
+        side = 64 // (v.patch_size * v.spatial_merge_size)
+        self.image_tokens = side * side
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, scenes: list[Scene], rng: np.random.Generator) -> dict:
+        b = self.cfg.backbone
+        vision = self.processor(images=[s.render() for s in scenes], return_tensors="pt")
+        grid = vision["image_grid_thw"]  # (B, 3)
+        merge = b.vision.spatial_merge_size
+        rows, labels = [], []
+        for scene, thw in zip(scenes, grid):
+            question, answer = sample_qa(scene, rng)
+            prompt = self.encode(understanding_text(question, int(thw.prod()) // merge**2))
+            reply = self.encode(answer) + [b.eos_token_id]
+            rows.append(prompt + reply)
+            labels.append([IGNORE] * len(prompt) + reply)
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), b.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, (r, lbl) in enumerate(zip(rows, labels)):
+            ids[i, : len(r)], lab[i, : len(r)], mask[i, : len(r)] = (
+                torch.tensor(r), torch.tensor(lbl), 1,
+            )  # fmt: skip
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": grid,
+            "mm_token_type_ids": (ids == b.image_token_id).int(),
+            "labels": lab,
+        }
+
+
+class GenerationObjective(nn.Module):
+    """Flow matching of the DiT on target features, conditioned through the frozen backbone."""
+
+    def __init__(self, model: BLIP3o, repeats: int) -> None:
+        super().__init__()
+        self.model = model
+        self.repeats = repeats
+
+    def forward(self, input_ids, prompt_mask, targets, generator):
+        cond = conditioning(self.model, input_ids, prompt_mask)  # (P, 64, H)
+        cond = cond.repeat_interleave(self.repeats, dim=0)  # (P*r, 64, H)
+        x0 = BLIP3o.tokens_to_features(targets, self.model.config.dit.input_size)  # (P*r, C, 8, 8)
+        loss = flow_matching_loss(self.model.velocity, x0, cond, generator=generator)
+        return loss, {}
+
+
+def conditioning(model: BLIP3o, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """`BLIP3o.conditioning` of a left-padded batch of prompts: (P, 64, H).
+
+    input_ids (P, S) left-padded, each row ending in `[IMG]`; prompt_mask (P, S) 1 on real tokens.
+    Pads are masked out and positions count from each prompt's first token, so every row equals
+    the unpadded single-prompt conditioning (to float rounding).
+    """
+    lm = model.qwen.model.language_model
+    p = input_ids.shape[0]
+    queries = model.latent_queries.expand(p, -1, -1)  # (P, 64, H)
+    embeds = torch.cat([lm.embed_tokens(input_ids), queries.to(lm.embed_tokens.weight)], 1)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(p, queries.shape[1])], 1)  # (P, S+64)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)[None].expand(3, -1, -1)  # (3, P, S+64)
+    hidden = lm(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+    ).last_hidden_state
+    return hidden[:, -queries.shape[1] :]  # (P, 64, H)
+
+
+def generation_prompt_batch(tokenizer, cfg: ModelConfig, captions: list[str]) -> dict:
+    """Left-padded generation prompt ids (each ending in `[IMG]`) and their mask."""
+    rows = [generation_ids(tokenizer, c, cfg.backbone) for c in captions]
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), cfg.backbone.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r) :], mask[i, longest - len(r) :] = torch.tensor(r), 1
+    return {"input_ids": ids, "prompt_mask": mask}

@@ -1,0 +1,105 @@
+"""Export a training run as a published-layout checkpoint, and its model card.
+
+The run's stage-1 backbone, stage-2 latent queries + DiT and the decoder are assembled into a
+`BLIP3o` + `Decoder` and written by `training.checkpoint.save_model` with the tiny tokenizer, so
+the folder loads through `load_pipeline` exactly as a 4b/8b checkpoint does. `MODEL_CARD.md` states
+the command, the git revision and the stage steps from the run's `run.json`; `python -m training
+eval --update-card` fills in its evaluation section.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from training.checkpoint import save_model
+from training.config import from_preset
+from training.train.common import Dist
+from training.train.run import Run, load_decoder, load_model
+from training.train.stages import DEFAULTS, KNOBS
+
+log = logging.getLogger(__name__)
+
+CARD = "MODEL_CARD.md"
+EVAL_START, EVAL_END = "<!-- eval:start -->", "<!-- eval:end -->"
+
+
+def read_run(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no run.json; is it a training run folder?")
+    return json.loads(path.read_text())
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the run's trained model as a published-layout checkpoint folder at `out`."""
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    run = Run(
+        out=run_dir, cfg=from_preset("tiny"), seed=record["seed"], dist=Dist(), resume=False,
+        settings=dict(DEFAULTS), knobs=dict(KNOBS),
+    )  # fmt: skip
+    model = load_model(run, generation=True)
+    decoder = load_decoder(run)
+    folder = save_model(model, out, tokenizer=run.tokenizer, decoder=decoder)
+    (folder / CARD).write_text(model_card(record, folder))
+    log.info("exported %s to %s", run_dir, folder)
+    return folder
+
+
+def model_card(record: dict, folder: Path) -> str:
+    stages = record.get("stages", {})
+    revisions = sorted({s["git_revision"] for s in stages.values()})
+    rows = []
+    for stage, info in stages.items():
+        for name, loop in info["loops"].items():
+            s = loop["settings"]
+            rows.append(f"| {stage} | {name} | {loop['steps']} | {s['batch']} | {s['lr']:g} | "
+                        f"{loop['seconds_this_run']:.0f} |")  # fmt: skip
+    ckpt = folder.as_posix()
+    command = record.get("command", "python -m training train --stages all --out runs/tiny")
+    return f"""# BLIP3-o tiny (shapes world)
+
+The `tiny` variant of BLIP3-o trained from scratch on the procedural shapes world
+(`docs/shapes-world.md`) with BLIP3-o's two-stage recipe: a CLIP-trained target encoder and a
+diffusion decoder first, then stage 1 (understanding, Qwen2.5-VL trained) and stage 2 (backbone
+frozen; 64 latent queries + NextDiT trained by flow matching on the target features). Published
+BLIP3-o layout, written by `training.checkpoint.save_model`; load it with
+`training.checkpoint.load_pipeline("{folder.as_posix()}")`.
+
+## Reproduce
+```
+{command}
+python -m training export-checkpoint --run {record.get("out", "runs/tiny")} --out {ckpt}
+python -m training eval --checkpoint {ckpt} --out {ckpt}/eval --update-card
+```
+Trained from git revision(s) {", ".join(revisions) or "unknown"} (`-dirty`: uncommitted changes
+in the work tree), seed {record.get("seed")}, steps scale {record.get("steps_scale")}.
+
+| stage | loop | steps | batch | lr | wall s |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Feature convention: the DiT generates, and the decoder reads, target-encoder tokens standardized
+per channel with statistics of the training images (kept in the run's `target_encoder.pt`); the
+target encoder itself is training-only and not part of this folder.
+
+## Evaluation
+{EVAL_START}
+Not evaluated yet: `python -m training eval --checkpoint {folder.as_posix()} --update-card`.
+{EVAL_END}
+"""
+
+
+def update_card(folder: str | Path, section: str) -> None:
+    """Replace the evaluation section of a checkpoint's MODEL_CARD.md."""
+    path = Path(folder) / CARD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; export the checkpoint first")
+    text = path.read_text()
+    if EVAL_START not in text or EVAL_END not in text:
+        raise ValueError(f"{path} has no {EVAL_START} ... {EVAL_END} section to update")
+    head, rest = text.split(EVAL_START, 1)
+    _, tail = rest.split(EVAL_END, 1)
+    path.write_text(f"{head}{EVAL_START}\n{section.strip()}\n{EVAL_END}{tail}")
