@@ -198,3 +198,15 @@ def test_latency_ratios_for_a_quantized_folder():
 def test_latency_names_the_build_command_for_a_missing_folder(tmp_path):
     with pytest.raises(SystemExit, match="export/build_engines.py"):
         latency.main(["--engines", str(tmp_path / "tiny-int8")])
+
+
+def test_quality_through_the_runtime(tiny_engine_dir, tmp_path, capsys):
+    from benchmarks import quality
+
+    out = tmp_path / "quality.json"
+    args = ["--engines", str(tiny_engine_dir), "--per-task", "1", "--questions", "3"]
+    assert quality.main([*args, "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert 0 <= row["geneval"]["overall"] <= 1 and row["understanding"]["n"] == 3
+    assert "overall" in capsys.readouterr().out
+    assert quality.main(["--engines", str(tmp_path / "none")]) == 2

@@ -1,0 +1,88 @@
+"""What quality do built engines reach? mini-GenEval and understanding exact-match through the
+runtime, for several engine folders side by side (e.g. fp32 vs INT8/FP8 Q/DQ).
+
+    python benchmarks/quality.py --engines engines/tiny-fp32 engines/tiny-int8 --per-task 25
+
+The judge is the shapes-world evaluator of `training/eval` (numpy only); generation and answers
+come from `runtime.Generator`, so this measures the engines users ship. Writes JSON and prints a
+table with each folder's overall delta against the first folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.generator import Generator  # noqa: E402
+from training.eval.geneval import TASKS, evaluate, make_prompts  # noqa: E402
+from training.eval.understanding import exact_match, make_questions  # noqa: E402
+
+
+def measure(folder: Path, *, per_task: int, questions: int, threads: int | None) -> dict:
+    options = {"threads": threads} if threads else None
+    start = time.perf_counter()
+    with Generator.from_dir(folder, session_options=options) as gen:
+        result = evaluate(lambda p, s: gen.generate(p, seed=s)[0], make_prompts(0, per_task))
+        understanding = exact_match(
+            lambda image, q: gen.answer(image, q, max_new_tokens=24), make_questions(0, questions)
+        )
+    result.pop("records")
+    return {
+        "engines": str(folder),
+        "precision": gen.precision,
+        "geneval": result,
+        "understanding": understanding,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'engines':<28}" + "".join(f"{t[:9]:>10}" for t in TASKS) + f"{'overall':>9}"
+    lines = [head + f"{'delta':>8}{'answer':>8}"]
+    base = rows[0]["geneval"]["overall"]
+    for r in rows:
+        g = r["geneval"]
+        lines.append(
+            f"{Path(r['engines']).name:<28}"
+            + "".join(f"{g[t]:>10.3f}" for t in TASKS)
+            + f"{g['overall']:>9.3f}{g['overall'] - base:>+8.3f}"
+            + f"{r['understanding']['accuracy']:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/quality.py", description=__doc__)
+    parser.add_argument("--engines", type=Path, nargs="+", required=True)
+    parser.add_argument("--per-task", type=int, default=25, help="mini-GenEval prompts per task")
+    parser.add_argument("--questions", type=int, default=200, help="held-out questions")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
+    args = parser.parse_args(argv)
+    missing = [str(f) for f in args.engines if not (f / "manifest.json").is_file()]
+    if missing:
+        print(
+            f"error: no engine folder at {missing}; build with "
+            "python export/build_engines.py --variant tiny [--precision int8]",
+            file=sys.stderr,
+        )
+        return 2
+    rows = [
+        measure(f, per_task=args.per_task, questions=args.questions, threads=args.threads)
+        for f in args.engines
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=2))
+    print(table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
