@@ -159,7 +159,6 @@ class ModelSource:
     @property
     def pipeline(self):
         if self._pipeline is None:
-            import torch
 
             from export.onnx_export import TORCH_DTYPES
 
@@ -173,7 +172,6 @@ class ModelSource:
                 pipe = random_pipeline(self.config, self.request.seed)
                 pipe.model.to(dtype)
                 pipe.decoder.to(dtype)
-            torch.set_grad_enabled(False)
             self._pipeline = pipe
         return self._pipeline
 

@@ -46,8 +46,9 @@ def assets_stage(source, precision: str) -> Stage:
         pipe = source.pipeline
         host_dtype = np.float16 if io_dtype(precision) in ("float16", "bfloat16") else np.float32
         lm = pipe.model.qwen.model.language_model
-        np.save(tmp / "embeddings.npy", lm.embed_tokens.weight.float().numpy().astype(host_dtype))
-        queries = pipe.model.latent_queries.float().numpy().astype(host_dtype)
+        table = lm.embed_tokens.weight.detach().float().numpy()  # (V, H)
+        np.save(tmp / "embeddings.npy", table.astype(host_dtype))
+        queries = pipe.model.latent_queries.detach().float().numpy().astype(host_dtype)
         np.save(tmp / "latent_queries.npy", queries)
         (tmp / "tokenizer.json").write_text(pipe.tokenizer.to_str())
         return {}
