@@ -159,7 +159,6 @@ class ModelSource:
     @property
     def pipeline(self):
         if self._pipeline is None:
-
             from export.onnx_export import TORCH_DTYPES
 
             dtype = TORCH_DTYPES[onnx_precision(self.precision)]

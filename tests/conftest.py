@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime.graphs import RUNTIME_GRAPHS
+
 
 @pytest.fixture(scope="session")
 def tiny_config():
@@ -29,9 +31,6 @@ def tiny_pipeline(tiny_config, tiny_tokenizer):
 
     torch.manual_seed(0)
     return ReferencePipeline(BLIP3o(tiny_config), Decoder(tiny_config.decoder), tiny_tokenizer)
-
-
-from runtime.graphs import RUNTIME_GRAPHS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
