@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from training.config import ModelConfig
 from training.eval.detect import detect
-from training.model.decoder import Decoder
+from training.model.decoder import Decoder, scheduler_kwargs
 from training.model.target_encoder import TargetEncoder
 from training.train.common import images_tensor, step_generator
 
@@ -230,14 +230,10 @@ def detection_match(images: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def ddpm_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    d = cfg.decoder
-    return DDPMScheduler(
-        num_train_timesteps=d.num_train_timesteps,
-        beta_start=d.beta_start,
-        beta_end=d.beta_end,
-        beta_schedule=d.beta_schedule,
-        prediction_type=d.prediction_type,
-    )
+    """Training noise with the decoder's own beta schedule (one source: `scheduler_kwargs`)."""
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+    kwargs = scheduler_kwargs(cfg.decoder)
+    return DDPMScheduler(**{k: kwargs[k] for k in keys})
 
 
 class UnetObjective(nn.Module):
