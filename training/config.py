@@ -176,6 +176,8 @@ class DecoderConfig:
     )
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     cross_attention_dim: int = 1792
+    # tiny-only: 2-D rotary positions in the UNet's cross-attention (model/cross_attention_rope.py)
+    cross_attention_rope: bool = False
     addition_time_embed_dim: int = 256
     norm_num_groups: int = 32
     # AutoencoderKL
@@ -348,7 +350,7 @@ def _preset_tiny() -> ModelConfig:
                 intermediate_size=128,
                 num_heads=4,
                 out_hidden_size=128,
-                patch_size=8,
+                patch_size=4,
                 spatial_merge_size=2,
                 temporal_patch_size=2,
                 window_size=32,
@@ -385,6 +387,7 @@ def _preset_tiny() -> ModelConfig:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=feature_width,
+            cross_attention_rope=True,
             addition_time_embed_dim=16,
             norm_num_groups=16,
             vae_block_out_channels=(32, 64, 64),

@@ -2,7 +2,8 @@
 
 The UNet denoises VAE latents conditioned on the 64 target features: `encoder_hidden_states` are
 the features, `text_embeds` their mean over tokens and `time_ids` (size, crop, target size) the
-SDXL micro-conditioning. Sampling is epsilon-prediction Euler with classifier-free guidance
+SDXL micro-conditioning (`tiny` adds 2-D rotary positions to the cross-attention:
+`cross_attention_rope.py`). Sampling is epsilon-prediction Euler with classifier-free guidance
 against cached negative features (batch order [cond, neg]); the VAE decodes `latents / scaling`.
 """
 
@@ -16,6 +17,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from torch import nn
 
 from training.config import DecoderConfig
+from training.model.cross_attention_rope import install_cross_attention_rope
 
 
 def unet_kwargs(cfg: DecoderConfig) -> dict:
@@ -82,6 +84,8 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.unet = unet if unet is not None else UNet2DConditionModel(**unet_kwargs(cfg))
+        if cfg.cross_attention_rope:
+            install_cross_attention_rope(self.unet)
         self.vae = vae if vae is not None else AutoencoderKL(**vae_kwargs(cfg))
         self.scheduler = scheduler or EulerDiscreteScheduler(**scheduler_kwargs(cfg))
         self.register_buffer(

@@ -156,7 +156,6 @@ class Loop:
     settings: StageSettings
     fingerprint: dict
     evaluate: Callable[[], dict] | None = None
-    autocast: bool = False
     extra: dict = dataclasses.field(default_factory=dict)  # saved alongside (e.g. stats)
 
 
@@ -197,8 +196,7 @@ def run_loop(loop: Loop, d: Dist, *, resume: bool, stop_at: int | None = None) -
     t0 = time.time()
     for step in range(start, end):
         batch = loop.make_batch(step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=loop.autocast):
-            loss, metrics = model(**batch)
+        loss, metrics = model(**batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if s.grad_clip:

@@ -237,13 +237,21 @@ def ddpm_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 
 
 class UnetObjective(nn.Module):
-    """Epsilon MSE of `Decoder.epsilon` on DDPM-noised latents, features 10% zeroed."""
+    """Epsilon MSE of `Decoder.epsilon` on DDPM-noised latents, features 10% zeroed.
 
-    def __init__(self, decoder: Decoder, scheduler: DDPMScheduler, p_uncond: float) -> None:
+    With `min_snr_gamma` each sample's loss is weighted by min(SNR, gamma) / SNR (Min-SNR, Hang
+    et al. 2023): the many nearly clean timesteps stop dominating the gradient, and the noisy
+    ones, where the layout is decided from the features, get their share.
+    """
+
+    def __init__(
+        self, decoder: Decoder, scheduler: DDPMScheduler, p_uncond: float, min_snr_gamma: float = 0
+    ) -> None:
         super().__init__()
         self.decoder = decoder
         self.scheduler = scheduler
         self.p_uncond = p_uncond
+        self.min_snr_gamma = min_snr_gamma
 
     def forward(self, latents, features, generator):
         b = latents.shape[0]
@@ -252,7 +260,12 @@ class UnetObjective(nn.Module):
         noisy = self.scheduler.add_noise(latents, noise, t)
         keep = (torch.rand(b, generator=generator) >= self.p_uncond).float().view(b, 1, 1)
         eps = self.decoder.epsilon(noisy, t, features * keep)  # (B, 4, h, w)
-        return F.mse_loss(eps.float(), noise), {}
+        per_sample = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))  # (B,)
+        if self.min_snr_gamma:
+            alpha_bar = self.scheduler.alphas_cumprod[t]
+            snr = alpha_bar / (1 - alpha_bar)
+            per_sample = per_sample * snr.clamp(max=self.min_snr_gamma) / snr
+        return per_sample.mean(), {}
 
 
 @torch.no_grad()
@@ -261,12 +274,20 @@ def decoder_latents(decoder: Decoder, images: torch.Tensor) -> torch.Tensor:
     return decoder.vae.encode(images * 2 - 1).latent_dist.mean * decoder.config.vae_scaling_factor
 
 
-def unet_batch(decoder, encoder, stats, scenes, noise_std: float, g: torch.Generator) -> dict:
+def unet_batch(
+    decoder, encoder, stats, scenes, noise_std: float, g: torch.Generator, repeats: int = 1
+) -> dict:
+    """Latents and (noised) features of `scenes`, each repeated `repeats` times in a row.
+
+    The VAE encoding costs about as much as the UNet step, so each image serves `repeats`
+    noise levels of one batch.
+    """
     images = images_tensor(scenes)
-    feats = normalized_features(encoder, stats, images)
+    feats = normalized_features(encoder, stats, images).repeat_interleave(repeats, dim=0)
     if noise_std:
         feats = feats + noise_std * torch.randn(feats.shape, generator=g)
-    return {"latents": decoder_latents(decoder, images), "features": feats, "generator": g}
+    latents = decoder_latents(decoder, images).repeat_interleave(repeats, dim=0)
+    return {"latents": latents, "features": feats, "generator": g}
 
 
 @torch.no_grad()

@@ -52,14 +52,14 @@ CHAINS = (("target_encoder", "decoder"), ("understanding", "generation"))
 DEFAULTS = {
     "target_encoder": StageSettings(steps=400, batch=64, lr=2e-3, warmup=40, eval_every=100),
     "decoder_vae": StageSettings(steps=800, batch=16, lr=2e-3, warmup=40, eval_every=400),
-    "decoder_unet": StageSettings(steps=1800, batch=32, lr=1e-3, warmup=50, eval_every=600),
-    "understanding": StageSettings(steps=3500, batch=32, lr=1e-3, warmup=100, eval_every=700),
-    "generation": StageSettings(steps=900, batch=16, lr=1e-3, warmup=50, eval_every=300),
+    "decoder_unet": StageSettings(steps=5000, batch=32, lr=2e-3, warmup=100, eval_every=1000),
+    "understanding": StageSettings(steps=2400, batch=32, lr=1e-3, warmup=100, eval_every=600),
+    "generation": StageSettings(steps=3500, batch=16, lr=1e-3, warmup=100, eval_every=700),
 }
 # Stage-specific knobs (part of each loop's fingerprint).
 KNOBS = {
     "decoder_vae": {"crop": 32, "kl_weight": 1e-6},
-    "decoder_unet": {"p_uncond": 0.1, "feature_noise": 0.1},
+    "decoder_unet": {"p_uncond": 0.1, "feature_noise": 0.1, "repeats": 4, "min_snr_gamma": 5.0},
     "generation": {"repeats": 4, "query_init_std": 0.02},
 }
 
@@ -128,7 +128,7 @@ def train_decoder(run: Run) -> dict:
 
     loop = Loop(
         name, run.path(name), vae_objective, {"decoder": decoder}, vae_batch,
-        run.settings[name], run.fingerprint(name), vae_eval, autocast=True,
+        run.settings[name], run.fingerprint(name), vae_eval,
     )  # fmt: skip
     vae_result = run.run(loop)
     if not vae_result["done"]:
@@ -144,12 +144,18 @@ def train_decoder(run: Run) -> dict:
     name, knobs = "decoder_unet", run.knobs["decoder_unet"]
     decoder.vae.requires_grad_(False)
     decoder.unet.requires_grad_(True)
-    objective = enc.UnetObjective(decoder, enc.ddpm_scheduler(run.cfg), knobs["p_uncond"])
+    objective = enc.UnetObjective(
+        decoder, enc.ddpm_scheduler(run.cfg), knobs["p_uncond"], knobs["min_snr_gamma"]
+    )
+    repeats = knobs["repeats"]
+    if run.settings[name].batch % repeats:
+        raise ValueError(f"decoder_unet batch {run.settings[name].batch} is not a multiple of "
+                         f"its repeats {repeats}")  # fmt: skip
 
     def unet_batch(step: int) -> dict:
         g = run.generator(name, step)
-        scenes = run.scenes(name, step)
-        return enc.unet_batch(decoder, encoder, stats, scenes, knobs["feature_noise"], g)
+        scenes = run.scenes(name, step, run.settings[name].batch // repeats)
+        return enc.unet_batch(decoder, encoder, stats, scenes, knobs["feature_noise"], g, repeats)
 
     def unet_eval() -> dict:
         recon = enc.reconstruct(decoder, held_feats[:16], steps=25, seed=run.seed)
@@ -157,7 +163,7 @@ def train_decoder(run: Run) -> dict:
 
     loop = Loop(
         name, run.path(name), objective, {"decoder": decoder}, unet_batch, run.settings[name],
-        run.fingerprint(name), unet_eval, autocast=True,
+        run.fingerprint(name), unet_eval,
     )  # fmt: skip
     return {"decoder_vae": vae_result, name: run.run(loop)}
 
