@@ -50,7 +50,7 @@ STAGES = ("target_encoder", "decoder", "understanding", "generation")
 CHAINS = (("target_encoder", "decoder"), ("understanding", "generation"))
 # Loops and their default settings, sized for ~45 min on 2 CPU cores (scaled by --steps-scale).
 DEFAULTS = {
-    "target_encoder": StageSettings(steps=400, batch=64, lr=2e-3, warmup=40, eval_every=100),
+    "target_encoder": StageSettings(steps=1000, batch=64, lr=2e-3, warmup=50, eval_every=250),
     "decoder_vae": StageSettings(steps=800, batch=16, lr=2e-3, warmup=40, eval_every=400),
     "decoder_unet": StageSettings(steps=5000, batch=32, lr=2e-3, warmup=100, eval_every=1000),
     "understanding": StageSettings(steps=2400, batch=32, lr=1e-3, warmup=100, eval_every=600),
