@@ -34,10 +34,11 @@ from runtime.vision_feeds import vision_feeds
 from runtime.vision_grid import block_diagonal_mask, cu_seqlens, window_index
 
 IMAGES = {"64x64": [(64, 64)], "48x80": [(48, 80)], "128x96": [(128, 96)]}
-IMAGES["two_images"] = IMAGES["48x80"] + IMAGES["128x96"]  # 60 + 192 patches
-FRAMES = {"two_frames": [[2, 4, 6]], "min_profile": [[1, 4, 4]]}  # random pixels, 48 / 16 patches
+IMAGES["two_images"] = IMAGES["48x80"] + IMAGES["128x96"]  # 240 + 768 patches of 4 px
+# random pixels: 96 patches in 2 frames; 64 patches = the profile minimum (32x32 px at patch 4)
+FRAMES = {"two_frames": [[2, 8, 6]], "min_profile": [[1, 8, 8]]}
 CASES = sorted(IMAGES) + sorted(FRAMES)
-ONNX_CASES = [c for c in CASES if c != "64x64"]  # 64x64 = 64 patches is the traced size
+ONNX_CASES = [c for c in CASES if c != "64x64"]  # 64x64 = 256 patches is the traced size
 # ONNX Runtime vs transformers (fp32 reference; outputs are ~0.2 in magnitude).
 ATOL = {"fp32": 1e-5, "fp16": 1e-3}
 
@@ -174,7 +175,7 @@ def test_vision_feeds_metadata(tiny, case: str) -> None:
 
 def test_vision_feeds_rejects_mismatched_pixels(tiny) -> None:
     pixel_values, grid = _inputs(tiny, "48x80")
-    with pytest.raises(ValueError, match=r"\(60, \.\.\.\)"):
+    with pytest.raises(ValueError, match=r"\(240, \.\.\.\)"):  # 12 x 20 patches of 4 px
         vision_feeds(pixel_values[:-4], grid, **_vc(tiny))
 
 

@@ -155,10 +155,11 @@ def test_torchrun_two_process_generation_smoke(smoke_run, tmp_path):
     run, _ = smoke_run
     for name in ("target_encoder", "understanding"):
         (tmp_path / f"{name}.pt").write_bytes((run / f"{name}.pt").read_bytes())
+    scale = 3 / DEFAULTS["generation"].steps  # 3 steps of the CLI's default recipe
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", str(29500 + os.getpid() % 1000), "-m", "training", "train",
-        "--stages", "generation", "--out", str(tmp_path), "--steps-scale", "0.003", "--no-eval",
+        "--stages", "generation", "--out", str(tmp_path), "--steps-scale", repr(scale), "--no-eval",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
