@@ -1,7 +1,7 @@
 """The `vision` graph: host feeds (runtime.vision_feeds), the export wrapper against transformers'
 own tower forward, and the exported ONNX graph in ONNX Runtime at grids other than the traced one.
 
-Tiny preset: patch 8, merge 2, window 32 px (2 x 2 merged tokens), profile 16..256 patches.
+Tiny preset: patch 4, merge 2, window 32 px (4 x 4 merged tokens), profile 64..1024 patches.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 `train` is what `python -m training train` calls. With `jobs=2` the understanding/generation chain
 runs in a second process beside the target-encoder/decoder chain (generation polls for the
-finished target encoder), which is how the whole recipe fits ~45 minutes on 2 CPU cores.
+finished target encoder); the defaults take 62 min on 2 CPU cores this way, the second chain's
+single thread being the critical path.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 STAGES = ("target_encoder", "decoder", "understanding", "generation")
 # Two independent chains: with --jobs 2 they train concurrently (generation waits for the encoder).
 CHAINS = (("target_encoder", "decoder"), ("understanding", "generation"))
-# Loops and their default settings, sized for ~45 min on 2 CPU cores (scaled by --steps-scale).
+# Loops and their default settings: 62 min with --jobs 2 on 2 CPU cores (scaled by --steps-scale).
 DEFAULTS = {
     "target_encoder": StageSettings(steps=1000, batch=64, lr=2e-3, warmup=50, eval_every=250),
     "decoder_vae": StageSettings(steps=800, batch=16, lr=2e-3, warmup=40, eval_every=400),
