@@ -168,3 +168,50 @@ def test_torchrun_two_process_generation_smoke(smoke_run, tmp_path):
     assert state["done"] and state["step"] == 3 and state["fingerprint"]["world_size"] == 2
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["command"].startswith("torchrun --nproc_per_node 2")
+
+
+def test_unet_batch_repeats_each_image_in_a_row(tiny_config):
+    from training.data.shapes import sample_scene
+    from training.model.decoder import Decoder
+    from training.model.target_encoder import TargetEncoder
+    from training.train.encoders import unet_batch
+
+    torch.manual_seed(0)
+    decoder = Decoder(tiny_config.decoder).eval()
+    encoder = TargetEncoder(tiny_config.target_encoder)
+    stats = {"mean": torch.zeros(32), "std": torch.ones(32)}
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng), sample_scene(rng)]
+    g = torch.Generator().manual_seed(0)
+    batch = unet_batch(decoder, encoder, stats, scenes, 0.0, g, repeats=3)
+    latents, feats = batch["latents"], batch["features"]
+    assert latents.shape[0] == feats.shape[0] == 6
+    assert torch.equal(latents[0], latents[2]) and torch.equal(feats[3], feats[5])
+    assert not torch.equal(latents[2], latents[3])
+
+
+def test_min_snr_weights_the_per_sample_loss(tiny_config):
+    from training.train.encoders import UnetObjective, ddpm_scheduler
+
+    class ZeroEps(torch.nn.Module):
+        def epsilon(self, latents, t, features):
+            return torch.zeros_like(latents)
+
+    scheduler = ddpm_scheduler(tiny_config)
+    latents, features = torch.randn(64, 4, 16, 16), torch.randn(64, 64, 32)
+
+    def loss(gamma: float) -> float:
+        objective = UnetObjective(ZeroEps(), scheduler, p_uncond=0.0, min_snr_gamma=gamma)
+        return float(objective(latents, features, torch.Generator().manual_seed(3))[0])
+
+    g = torch.Generator().manual_seed(3)  # the objective's draws, in its order
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (64,), generator=g)
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    assert (snr > 5).any() and (snr < 5).any()
+    per_sample = (noise**2).mean(dim=(1, 2, 3))
+    assert loss(0) == pytest.approx(float(per_sample.mean()), rel=1e-5)
+    weighted = per_sample * snr.clamp(max=5.0) / snr
+    assert loss(5.0) == pytest.approx(float(weighted.mean()), rel=1e-5)
+    assert loss(5.0) < loss(0)  # the draws with SNR > 5 are down-weighted

@@ -4,16 +4,18 @@
 CLIP text tower on (image, canonical caption) pairs, symmetric InfoNCE. The image embedding is an
 attention pool over the 64 pooled patch tokens themselves, so the tokens the DiT later generates
 are the ones that must carry the caption's content (colors, shapes, counts, layout). The ViT's
-position embedding starts as a 2-D sin/cos code so the tokens carry their place on the grid (the
-decoder's cross-attention sees tokens without positions). At the end, per-channel mean/std of the
-tokens over training images are recorded: every later consumer uses `normalized_features`, and
-the DiT generates, and the decoder reads, features in that normalized space.
+position embedding starts as a 2-D sin/cos code so the tokens carry their place on the grid (a
+diffusers UNet's cross-attention gives them none; the tiny decoder adds RoPE there as well). At
+the end, per-channel mean/std of the tokens over training images are recorded: every later
+consumer uses `normalized_features`, and the DiT generates, and the decoder reads, features in
+that normalized space.
 
 `decoder`: the tiny AutoencoderKL (L1 + MSE reconstruction, small KL), whose latents are then
 standardized by folding per-channel statistics into `quant_conv`/`post_quant_conv` so that
 `latents * scaling_factor` has unit variance; then the UNet, epsilon prediction on DDPM noise of the
 scheduler's scaled_linear betas, conditioned exactly as `Decoder.epsilon` feeds it on the frozen
-encoder's normalized features of the same image (10% of them zeroed, the CFG negative's slot).
+encoder's normalized features of the same image (10% of them zeroed, the CFG negative's slot),
+each image at several noise levels per batch, Min-SNR weighted.
 """
 
 from __future__ import annotations
