@@ -31,6 +31,12 @@ def test_scores_depend_only_on_relative_position():
     assert score(0, 9) != pytest.approx(score(0, 18), abs=1e-3)
 
 
+def test_rotation_follows_the_tensor_device_and_dtype():
+    x = torch.empty(2, 4, 64, 16, device="meta", dtype=torch.float16)  # e.g. a CUDA fp16 UNet
+    out = rotate(x, grid_angles(8, 8, 16))  # angles are made on the CPU
+    assert out.device == x.device and out.dtype == torch.float16 and out.shape == x.shape
+
+
 def test_latent_pixels_land_on_their_feature_token():
     fine, coarse = grid_angles(16, 8, 16), grid_angles(8, 8, 16)
     # latent pixels (2, 4) and (3, 5) of 16x16 lie in feature cell (1, 2): within half a cell

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 def axis_angles(positions: torch.Tensor, n_freq: int) -> torch.Tensor:
     """Rotation angles (N, n_freq) of positions in grid cells: pi/2, pi/4, ... rad per cell."""
-    freqs = (math.pi / 2) * 2.0 ** -torch.arange(n_freq, dtype=torch.float32)
+    exponents = torch.arange(n_freq, dtype=torch.float32, device=positions.device)
+    freqs = (math.pi / 2) * 2.0**-exponents
     return positions[:, None] * freqs[None]
 
 
-def grid_angles(side: int, grid: int, head_dim: int) -> torch.Tensor:
+def grid_angles(side: int, grid: int, head_dim: int, device=None) -> torch.Tensor:
     """Angles (side*side, head_dim/2) of a row-major side x side map laid over a grid x grid frame.
 
     Cell centres are mapped onto the frame's cell coordinates, so a 16x16 latent pixel and the 8x8
@@ -34,14 +35,15 @@ def grid_angles(side: int, grid: int, head_dim: int) -> torch.Tensor:
     """
     if head_dim % 4:
         raise ValueError(f"2-D rotary positions need a head dim divisible by 4, got {head_dim}")
-    centres = (torch.arange(side, dtype=torch.float32) + 0.5) * grid / side - 0.5
+    centres = (torch.arange(side, dtype=torch.float32, device=device) + 0.5) * grid / side - 0.5
     rows, cols = torch.meshgrid(centres, centres, indexing="ij")
     n_freq = head_dim // 4
     return torch.cat([axis_angles(rows.flatten(), n_freq), axis_angles(cols.flatten(), n_freq)], 1)
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of x (B, heads, N, D) by angles (N, D/2)."""
+    """Rotate consecutive pairs of x (B, heads, N, D) by angles (N, D/2), on x's device."""
+    angles = angles.to(x.device)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
@@ -72,8 +74,9 @@ class RopeCrossAttnProcessor:
             return t.view(b, -1, attn.heads, d).transpose(1, 2)  # (B, heads, N, d)
 
         grid = square_side(m, "feature grid")
-        query = rotate(heads(query), grid_angles(square_side(n, "latent map"), grid, d))
-        key = rotate(heads(key), grid_angles(grid, grid, d))
+        dev = query.device
+        query = rotate(heads(query), grid_angles(square_side(n, "latent map"), grid, d, dev))
+        key = rotate(heads(key), grid_angles(grid, grid, d, dev))
         out = F.scaled_dot_product_attention(query, key, heads(value))
         out = out.transpose(1, 2).reshape(b, -1, attn.heads * d).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
