@@ -42,12 +42,13 @@ def rope_cos_sin(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of x (B, S, heads, D) by the (S, D/2) angle tables.
 
-    Computed in float32 (as the reference does) and returned in x's dtype.
+    Computed in float32 (as the reference does) and returned in x's dtype, as
+    `x * [c, c] + swap(x) * [-s, s]` per pair (swap: (even, odd) -> (odd, even)): half the
+    multiplies of rotating the halves separately, which made RoPE a sixth of a DiT training step.
     """
     dtype = x.dtype
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, S, heads, D/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos = cos[None, :, None, :]  # (1, S, 1, D/2)
-    sin = sin[None, :, None, :]
-    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
-    return rotated.flatten(-2).to(dtype)  # (B, S, heads, D)
+    x = x.float()
+    cos2 = cos.repeat_interleave(2, dim=-1)[None, :, None, :]  # (1, S, 1, D): c0 c0 c1 c1 ...
+    sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)[None, :, None, :]  # -s0 s0 -s1 s1 ...
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (B, S, heads, D)
+    return (x * cos2 + swapped * sin2).to(dtype)

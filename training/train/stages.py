@@ -48,13 +48,14 @@ log = logging.getLogger(__name__)
 STAGES = ("target_encoder", "decoder", "understanding", "generation")
 # Two independent chains: with --jobs 2 they train concurrently (generation waits for the encoder).
 CHAINS = (("target_encoder", "decoder"), ("understanding", "generation"))
-# Loops and their default settings: 62 min with --jobs 2 on 2 CPU cores (scaled by --steps-scale).
+# Loops and their default settings (scaled by --steps-scale), sized for 45 min with --jobs 2 on 2
+# CPU cores: target encoder -> VAE -> UNet on one core, understanding -> generation on the other.
 DEFAULTS = {
     "target_encoder": StageSettings(steps=1000, batch=64, lr=2e-3, warmup=50, eval_every=250),
-    "decoder_vae": StageSettings(steps=800, batch=16, lr=2e-3, warmup=40, eval_every=400),
+    "decoder_vae": StageSettings(steps=1600, batch=16, lr=2e-3, warmup=40, eval_every=400),
     "decoder_unet": StageSettings(steps=5000, batch=32, lr=2e-3, warmup=100, eval_every=1000),
-    "understanding": StageSettings(steps=2400, batch=32, lr=1e-3, warmup=100, eval_every=600),
-    "generation": StageSettings(steps=3500, batch=16, lr=1e-3, warmup=100, eval_every=700),
+    "understanding": StageSettings(steps=2000, batch=32, lr=1e-3, warmup=100, eval_every=500),
+    "generation": StageSettings(steps=2500, batch=16, lr=1e-3, warmup=100, eval_every=625),
 }
 # Stage-specific knobs (part of each loop's fingerprint).
 KNOBS = {
