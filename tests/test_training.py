@@ -215,3 +215,57 @@ def test_min_snr_weights_the_per_sample_loss(tiny_config):
     weighted = per_sample * snr.clamp(max=5.0) / snr
     assert loss(5.0) == pytest.approx(float(weighted.mean()), rel=1e-5)
     assert loss(5.0) < loss(0)  # the draws with SNR > 5 are down-weighted
+
+
+def test_decoder_ceiling_judges_oracle_scenes(smoke_run):
+    """Structure on the smoke run; the judging itself on true renders (all pass) and blanks."""
+    from training.eval.geneval import TASKS, make_prompts, scene_for_prompt
+    from training.train.ceiling import _judge, decoder_ceiling, to_table
+    from training.train.common import images_tensor
+
+    out, _ = smoke_run
+    result = decoder_ceiling(out, per_task=1, seeds=(0,), decoder_steps=2)
+    assert set(result) == {"vae", "decoder"}
+    for scores in result.values():
+        assert set(scores) == {*TASKS, "overall"}
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert "overall" in to_table(result)
+    prompts = make_prompts(0, 2)
+    rng = np.random.default_rng(0)
+    truth = images_tensor([scene_for_prompt(p.prompt, rng) for p in prompts])
+    assert _judge(prompts, truth)["overall"] == 1.0
+    assert _judge(prompts, torch.ones_like(truth))["overall"] == 0.0
+
+
+def test_decoder_ceiling_needs_a_trained_run(tmp_path):
+    from training.train.ceiling import decoder_ceiling
+
+    with pytest.raises(Exception, match="target_encoder"):
+        decoder_ceiling(tmp_path, per_task=1, seeds=(0,))
+    with pytest.raises(ValueError, match="per_task"):
+        decoder_ceiling(tmp_path, per_task=0)
+
+
+def test_generation_takes_the_freed_core_once_the_decoder_is_done(smoke_run, tmp_path):
+    from training.config import from_preset
+    from training.train.common import Dist
+    from training.train.run import Run
+
+    def run_in(folder: Path) -> Run:
+        return Run(
+            out=folder, cfg=from_preset("tiny"), seed=0, dist=Dist(), resume=False,
+            settings=dict(DEFAULTS), knobs={}, threads_after_decoder=2,
+        )  # fmt: skip
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_in(tmp_path).take_freed_cores(0)  # no decoder yet: stays on one thread
+        assert torch.get_num_threads() == 1
+        ready = run_in(smoke_run[0])  # the smoke run's decoder is finished
+        ready.take_freed_cores(7)  # only every 50 steps
+        assert torch.get_num_threads() == 1
+        ready.take_freed_cores(50)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

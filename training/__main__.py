@@ -4,6 +4,7 @@ python -m training train --stages all --out runs/tiny [--steps-scale 1.0] [--res
 torchrun --nproc_per_node 2 -m training train --stages generation --out runs/tiny --resume
 python -m training export-checkpoint --run runs/tiny --out checkpoints/tiny
 python -m training eval --checkpoint checkpoints/tiny [--per-task 25] [--update-card]
+python -m training decoder-ceiling --run runs/tiny [--per-task 25]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 def train_command(
     *, stages: str, out: Path, steps_scale: float, resume: bool, seed: int, threads: int | None,
     jobs: int, evals: bool, wait_upstream: float, recorded_command: str | None,
+    threads_after_decoder: int = 0,
 ) -> dict:  # fmt: skip
     from training.train.recipe import parse_stages, train
 
@@ -32,6 +34,7 @@ def train_command(
     return train(
         out=out, stages=parse_stages(stages), steps_scale=steps_scale, resume=resume, seed=seed,
         evals=evals, jobs=jobs, wait_upstream_s=wait_upstream, command=command,
+        threads_after_decoder=threads_after_decoder,
     )  # fmt: skip
 
 
@@ -75,6 +78,21 @@ def eval_command(
     return report
 
 
+def ceiling_command(*, run: Path, per_task: int, out: Path | None, threads: int) -> dict:
+    import json
+
+    from training.train.ceiling import decoder_ceiling, to_table
+
+    torch.set_num_threads(threads)
+    result = decoder_ceiling(run, per_task=per_task)
+    print(to_table(result))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
@@ -105,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--no-eval", action="store_true", help="skip the periodic evaluations")
     p.add_argument("--wait-upstream", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--threads-after-decoder", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--recorded-command", default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("export-checkpoint", help="write a run as a published-layout checkpoint")
@@ -121,6 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, kind in (("steps", int), ("guidance", float), ("decoder-steps", int),
                        ("decoder-guidance", float)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind, default=None, help="default: the checkpoint's")
+
+    p = sub.add_parser(
+        "decoder-ceiling",
+        help="mini-GenEval of a run's VAE and decoder from true target features (no DiT)",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run folder with a finished decoder")
+    p.add_argument("--per-task", type=int, default=25, help="mini-GenEval prompts per task")
+    p.add_argument("--out", type=Path, default=None, help="also write the scores as JSON here")
+    p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s")
@@ -130,9 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         train_command(stages=args.stages, out=args.out, steps_scale=args.steps_scale,
                       resume=args.resume, seed=args.seed, threads=args.threads, jobs=args.jobs,
                       evals=not args.no_eval, wait_upstream=args.wait_upstream,
-                      recorded_command=args.recorded_command)  # fmt: skip
+                      recorded_command=args.recorded_command,
+                      threads_after_decoder=args.threads_after_decoder)  # fmt: skip
     elif args.command == "export-checkpoint":
         print(export_command(run=args.run, out=args.out))
+    elif args.command == "decoder-ceiling":
+        ceiling_command(run=args.run, per_task=args.per_task, out=args.out, threads=args.threads)
     else:
         names = ("steps", "guidance", "decoder_steps", "decoder_guidance")
         eval_command(checkpoint=args.checkpoint, per_task=args.per_task, questions=args.questions,

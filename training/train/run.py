@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from training.model.target_encoder import TargetEncoder
 from training.tokenizer import build_tiny_tokenizer
 from training.train.common import Dist, Loop, StageSettings, run_loop, scene_batch, step_generator
 from training.train.state import flat_fingerprint, load_final
+
+log = logging.getLogger(__name__)
 
 # Every optimization loop, in training order; the index namespaces its seeds.
 LOOPS = ("target_encoder", "decoder_vae", "decoder_unet", "understanding", "generation")
@@ -47,6 +50,7 @@ class Run:
     evals: bool = True  # periodic evaluation (off in smoke tests)
     wait_upstream_s: float = 0.0  # wait for a stage another process of the run is training
     stat_images: int = 512  # images for the feature and latent statistics
+    threads_after_decoder: int = 0  # --jobs 2: threads to use once the decoder chain is done
 
     def __post_init__(self) -> None:
         self.tokenizer = build_tiny_tokenizer()
@@ -67,6 +71,18 @@ class Run:
 
     def generator(self, loop: str, step: int) -> torch.Generator:
         return step_generator(self.seed, LOOP_INDEX[loop], step, self.dist.rank)
+
+    def take_freed_cores(self, step: int) -> None:
+        """Once the other process's decoder chain has finished, use its core too.
+
+        `--jobs 2` trains two chains with one thread each; the decoder chain ends first, and the
+        generation stage then has the machine to itself. Checked every 50 steps. Thread count
+        changes speed only (float sums may round differently), not the data or the noise drawn.
+        """
+        want = self.threads_after_decoder
+        if want > torch.get_num_threads() and step % 50 == 0 and decoder_ready(self):
+            log.info("the decoder chain has finished: %d threads from step %d", want, step)
+            torch.set_num_threads(want)
 
     def run(self, loop: Loop) -> dict:
         if not self.evals:

@@ -49,13 +49,14 @@ STAGES = ("target_encoder", "decoder", "understanding", "generation")
 # Two independent chains: with --jobs 2 they train concurrently (generation waits for the encoder).
 CHAINS = (("target_encoder", "decoder"), ("understanding", "generation"))
 # Loops and their default settings (scaled by --steps-scale), sized for 45 min with --jobs 2 on 2
-# CPU cores: target encoder -> VAE -> UNet on one core, understanding -> generation on the other.
+# CPU cores: target encoder -> VAE -> UNet on one core, understanding -> generation on the other
+# (generation, the longest and most step-hungry loop, takes both cores once the UNet is done).
 DEFAULTS = {
     "target_encoder": StageSettings(steps=1000, batch=64, lr=2e-3, warmup=50, eval_every=250),
     "decoder_vae": StageSettings(steps=1600, batch=16, lr=2e-3, warmup=40, eval_every=400),
-    "decoder_unet": StageSettings(steps=5000, batch=32, lr=2e-3, warmup=100, eval_every=1000),
-    "understanding": StageSettings(steps=2000, batch=32, lr=1e-3, warmup=100, eval_every=500),
-    "generation": StageSettings(steps=2500, batch=16, lr=1e-3, warmup=100, eval_every=625),
+    "decoder_unet": StageSettings(steps=4000, batch=32, lr=2e-3, warmup=100, eval_every=1000),
+    "understanding": StageSettings(steps=1400, batch=32, lr=1e-3, warmup=100, eval_every=350),
+    "generation": StageSettings(steps=3400, batch=16, lr=1e-3, warmup=100, eval_every=850),
 }
 # Stage-specific knobs (part of each loop's fingerprint).
 KNOBS = {
@@ -210,6 +211,7 @@ def train_generation(run: Run) -> dict:
     objective = GenerationObjective(model, knobs["repeats"])
 
     def batch(step: int) -> dict:
+        run.take_freed_cores(step)
         scenes = run.scenes(name, step)
         feats = enc.normalized_features(encoder, stats, images_tensor(scenes))  # (P, 64, C)
         prompts = generation_prompt_batch(run.tokenizer, run.cfg, [s.caption for s in scenes])
