@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 STAGES = ("target_encoder", "decoder", "understanding", "generation")
 # Two independent chains: with --jobs 2 they train concurrently (generation waits for the encoder).
 CHAINS = (("target_encoder", "decoder"), ("understanding", "generation"))
-# Loops and their default settings (scaled by --steps-scale), sized for 45 min with --jobs 2 on 2
+# Loops and their default settings (scaled by --steps-scale): 46 min with --jobs 2 on 2
 # CPU cores: target encoder -> VAE -> UNet on one core, understanding -> generation on the other
 # (generation, the longest and most step-hungry loop, takes both cores once the UNet is done).
 DEFAULTS = {
