@@ -220,7 +220,7 @@ def test_min_snr_weights_the_per_sample_loss(tiny_config):
 def test_decoder_ceiling_judges_oracle_scenes(smoke_run):
     """Structure on the smoke run; the judging itself on true renders (all pass) and blanks."""
     from training.eval.geneval import TASKS, make_prompts, scene_for_prompt
-    from training.train.ceiling import _judge, decoder_ceiling, to_table
+    from training.train.ceiling import decoder_ceiling, judge, to_table
     from training.train.common import images_tensor
 
     out, _ = smoke_run
@@ -232,9 +232,10 @@ def test_decoder_ceiling_judges_oracle_scenes(smoke_run):
     assert "overall" in to_table(result)
     prompts = make_prompts(0, 2)
     rng = np.random.default_rng(0)
-    truth = images_tensor([scene_for_prompt(p.prompt, rng) for p in prompts])
-    assert _judge(prompts, truth)["overall"] == 1.0
-    assert _judge(prompts, torch.ones_like(truth))["overall"] == 0.0
+    keys = list(dict.fromkeys((p.prompt, 0) for p in prompts))
+    truth = images_tensor([scene_for_prompt(prompt, rng) for prompt, _ in keys])
+    assert judge(prompts, (0,), dict(zip(keys, truth)))["overall"] == 1.0
+    assert judge(prompts, (0,), dict(zip(keys, torch.ones_like(truth))))["overall"] == 0.0
 
 
 def test_decoder_ceiling_needs_a_trained_run(tmp_path):

@@ -11,39 +11,25 @@ the gap between (b) and a checkpoint's mini-GenEval is what the DiT loses.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from training.config import from_preset
-from training.eval.geneval import (
-    EVAL_SEEDS,
-    TASKS,
-    Record,
-    check,
-    make_prompts,
-    scene_for_prompt,
-    score,
-)
+from training.eval.geneval import EVAL_SEEDS, TASKS, evaluate, make_prompts, scene_for_prompt
 from training.pipeline import to_pil
 from training.train import encoders as enc
-from training.train.common import Dist, images_tensor, mix_seed
-from training.train.run import Run, load_decoder, load_target_encoder
-from training.train.stages import DEFAULTS, KNOBS
-
-log = logging.getLogger(__name__)
+from training.train.common import images_tensor, mix_seed
+from training.train.publish import open_run
+from training.train.run import load_decoder, load_target_encoder
 
 
-def _judge(prompts, images: torch.Tensor) -> dict[str, float]:
-    """score() of (prompt, image in [0, 1]) pairs, without keeping the images."""
-    records = [
-        Record(p.task, p.prompt, 0, check(p.task, p.spec, np.asarray(to_pil(img))), None)
-        for p, img in zip(prompts, images)
-    ]
-    return score(records)
+def judge(prompts, seeds: Sequence[int], images: dict) -> dict[str, float]:
+    """`geneval.evaluate` scores of {(prompt, seed): image in [0, 1]}, without the records."""
+    result = evaluate(lambda prompt, seed: np.asarray(to_pil(images[prompt, seed])), prompts, seeds)
+    return {k: v for k, v in result.items() if k != "records"}
 
 
 @torch.no_grad()
@@ -57,33 +43,30 @@ def decoder_ceiling(
 ) -> dict:
     """{"vae": scores, "decoder": scores} of a run folder with finished encoder and decoder.
 
-    Scores are `geneval.score` dicts (six tasks + overall) over `per_task` prompts per task (the
-    benchmark's prompt draw) x `seeds` oracle scenes. `decoder_steps` defaults to the sampler's.
+    Scores are `geneval.score` dicts (six tasks + overall) over the benchmark's `per_task`
+    prompts per task x `seeds`, one oracle scene per distinct (prompt, seed) as the benchmark
+    makes one image. `decoder_steps` defaults to the sampler's.
     """
     if per_task < 1 or not seeds:
         raise ValueError(f"need per_task >= 1 and at least one seed, got {per_task}, {seeds!r}")
-    cfg = from_preset("tiny")
-    run = Run(
-        out=Path(run_dir), cfg=cfg, seed=0, dist=Dist(), resume=False, settings=dict(DEFAULTS),
-        knobs=dict(KNOBS),
-    )  # fmt: skip
+    run = open_run(run_dir)
     encoder, stats = load_target_encoder(run)
     decoder = load_decoder(run)
-    steps = cfg.sampler.decoder_steps if decoder_steps is None else decoder_steps
-    prompts = [p for p in make_prompts(0, per_task) for _ in seeds]
-    scenes = [
-        scene_for_prompt(p.prompt, np.random.default_rng(mix_seed(seed, i)))
-        for i, p in enumerate(make_prompts(0, per_task))
-        for seed in seeds
-    ]
-    vae, painted = [], []
-    for start in range(0, len(scenes), batch):
-        images = images_tensor(scenes[start : start + batch])
-        vae.append(decoder.decode_latents(enc.decoder_latents(decoder, images)))
+    steps = run.cfg.sampler.decoder_steps if decoder_steps is None else decoder_steps
+    prompts = make_prompts(0, per_task)
+    keys = list(dict.fromkeys((p.prompt, seed) for p in prompts for seed in seeds))
+    vae, painted = {}, {}
+    for start in tqdm(range(0, len(keys), batch), desc="decoder ceiling", unit="batch"):
+        chunk = keys[start : start + batch]
+        scenes = [
+            scene_for_prompt(prompt, np.random.default_rng(mix_seed(seed, start + i)))
+            for i, (prompt, seed) in enumerate(chunk)
+        ]
+        images = images_tensor(scenes)
+        vae.update(zip(chunk, decoder.decode_latents(enc.decoder_latents(decoder, images))))
         feats = enc.normalized_features(encoder, stats, images)
-        painted.append(enc.reconstruct(decoder, feats, steps=steps, seed=start))
-        log.info("decoder ceiling: %d/%d scenes", min(start + batch, len(scenes)), len(scenes))
-    return {"vae": _judge(prompts, torch.cat(vae)), "decoder": _judge(prompts, torch.cat(painted))}
+        painted.update(zip(chunk, enc.reconstruct(decoder, feats, steps=steps, seed=start)))
+    return {"vae": judge(prompts, seeds, vae), "decoder": judge(prompts, seeds, painted)}
 
 
 def to_table(result: dict) -> str:

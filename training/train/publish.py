@@ -32,14 +32,19 @@ def read_run(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def open_run(run_dir: str | Path, seed: int = 0) -> Run:
+    """A finished run folder, for loading its stages (default settings; nothing is trained)."""
+    return Run(
+        out=Path(run_dir), cfg=from_preset("tiny"), seed=seed, dist=Dist(), resume=False,
+        settings=dict(DEFAULTS), knobs=dict(KNOBS),
+    )  # fmt: skip
+
+
 def export_checkpoint(run_dir: str | Path, out: str | Path) -> Path:
     """Write the run's trained model as a published-layout checkpoint folder at `out`."""
     run_dir = Path(run_dir)
     record = read_run(run_dir)
-    run = Run(
-        out=run_dir, cfg=from_preset("tiny"), seed=record["seed"], dist=Dist(), resume=False,
-        settings=dict(DEFAULTS), knobs=dict(KNOBS),
-    )  # fmt: skip
+    run = open_run(run_dir, record["seed"])
     model = load_model(run, generation=True)
     decoder = load_decoder(run)
     folder = save_model(model, out, tokenizer=run.tokenizer, decoder=decoder)
