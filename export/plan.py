@@ -15,6 +15,7 @@ from pathlib import Path
 
 from export.stage_defs import onnx_precision
 from export.stages import REPO, EngineFolder, remove_partials, tool_versions
+from runtime.errors import UserError
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
 from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
 from runtime.spec import PRECISIONS
@@ -31,7 +32,7 @@ PUBLISHED = {
 }
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """A user error: the message says what is wrong and what is allowed."""
 
 

@@ -14,13 +14,14 @@ import json
 import os
 from pathlib import Path
 
+from runtime.errors import UserError
 from runtime.spec import GraphSpec, spec_from_dict
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class EngineFolderError(ValueError):
+class EngineFolderError(UserError):
     """An engine folder that is missing, corrupt or built for something else."""
 
 
