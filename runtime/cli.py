@@ -3,18 +3,22 @@
     python -m runtime generate "a red circle" --engines engines/tiny-fp32 --out out.png
     python -m runtime answer out.png "Describe the image." --engines engines/tiny-fp32
 
-User errors (bad arguments, a missing or corrupt engine folder, an unreadable image) print one
-line and exit with status 2, never a traceback.
+User errors (`runtime.errors.UserError`: bad arguments, a missing or corrupt engine folder, an
+unreadable image, an output path that cannot be written) print one line and exit with status 2;
+a result that is not a number (NaN/inf) prints one line and exits with 1; anything else is a bug
+and keeps its traceback. Output paths are checked before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from runtime.manifest import EngineFolderError
+from runtime import checks
+from runtime.errors import ResultError, UserError
 from runtime.sessions import BACKENDS
 
 DEFAULT_ENGINES = Path("engines/tiny-fp32")
@@ -23,6 +27,8 @@ DEFAULT_ENGINES = Path("engines/tiny-fp32")
 def _open(args):
     from runtime.generator import Generator
 
+    if args.threads is not None:
+        checks.integer("--threads", args.threads, 1, 1024)
     options = {"threads": args.threads} if args.threads and args.backend == "onnxruntime" else None
     return Generator.from_dir(
         args.engines,
@@ -39,8 +45,39 @@ def _progress_bar(total: int):
     return tqdm(total=total, unit="step", leave=False)
 
 
+def output_paths(out: Path, count: int) -> list[Path]:
+    """Where `count` images go (`out`, or `out-0`, `out-1`...), refused up front with a
+    `UserError` when they cannot be written: no folder, not writable, a folder in the way, or an
+    image format PIL cannot write."""
+    from PIL import Image
+
+    out = Path(out)
+    Image.init()
+    if out.suffix.lower() not in Image.EXTENSION:
+        raise UserError(f"--out {out}: unknown image extension {out.suffix!r}; use .png or .jpg")
+    if Image.EXTENSION[out.suffix.lower()] not in Image.SAVE:
+        raise UserError(f"--out {out}: PIL cannot write {out.suffix!r} images; use .png")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: the folder {parent} is not writable")
+    paths = (
+        [out]
+        if count == 1
+        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+    )
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"--out {out}: {path} is a folder")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise UserError(f"--out {out}: {path} exists and is not writable")
+    return paths
+
+
 def cmd_generate(args) -> int:
     timings: dict[str, float] = {}
+    paths = output_paths(args.out, args.num_images if isinstance(args.num_images, int) else 1)
     with _open(args) as gen:
         job = gen.start(
             args.prompt,
@@ -62,14 +99,11 @@ def cmd_generate(args) -> int:
         if bar is not None:
             bar.close()
         images = job.result()
-    out = Path(args.out)
-    paths = (
-        [out]
-        if len(images) == 1
-        else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    )
     for image, path in zip(images, paths):
-        image.save(path)
+        try:
+            image.save(path)
+        except OSError as err:  # disk full, or the folder changed since the check
+            raise UserError(f"cannot write {path}: {err}") from err
         print(path)
     if args.timings:
         for stage, seconds in timings.items():
@@ -105,10 +139,17 @@ def cmd_answer(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ...`), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    parser = Parser(prog="python -m runtime", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    common = Parser(add_help=False)
     common.add_argument("--engines", type=Path, default=DEFAULT_ENGINES, help="engine folder")
     common.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     common.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ORT's EP)")
@@ -141,9 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (EngineFolderError, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except ResultError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())

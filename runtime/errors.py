@@ -15,3 +15,8 @@ class UserError(ValueError):
 
 class UserTypeError(UserError, TypeError):
     """A user-supplied value of the wrong type."""
+
+
+class ResultError(RuntimeError):
+    """A result that is not a number (NaN or inf): never written out as if it were an image or
+    an answer. The CLIs print it as one line and exit with status 1."""

@@ -11,13 +11,18 @@ the DiT's noise (N, C, 8, 8) first and the decoder's (N, 4, l, l) second, float3
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
+from runtime import checks
 from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
+
+MAX_STEPS = 1000
+# Classifier-free guidance past ~20 already saturates; 100 leaves room and refuses absurd
+# values (1e38 overflows the guided combine to inf and paints a black image).
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -30,25 +35,21 @@ class GenerationParams:
     decoder_guidance: float
     num_images: int
 
-    def validate(self, max_images: int) -> None:
-        if not isinstance(self.prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
-        if not self.prompt.strip():
-            raise ValueError("prompt is empty; describe the image to generate")
-        for name in ("steps", "decoder_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-                raise ValueError(f"{name} must be an integer in [1, 1000], got {value!r}")
-        for name in ("guidance", "decoder_guidance"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise TypeError(f"seed must be an integer, got {type(self.seed).__name__}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= max_images:
-            raise ValueError(f"num_images must be in [1, {max_images}], got {self.num_images!r}")
+    def validate(self, max_images: int) -> GenerationParams:
+        """The same params with every value checked (a `UserError` names the bad one) and
+        numpy scalars turned into Python numbers."""
+        return replace(
+            self,
+            prompt=checks.text("prompt", self.prompt),
+            seed=checks.integer("seed", self.seed, 0, 2**63 - 1),
+            steps=checks.integer("steps", self.steps, 1, MAX_STEPS),
+            decoder_steps=checks.integer("decoder_steps", self.decoder_steps, 1, MAX_STEPS),
+            guidance=checks.number("guidance", self.guidance, 0.0, MAX_GUIDANCE),
+            decoder_guidance=checks.number(
+                "decoder_guidance", self.decoder_guidance, 0.0, MAX_GUIDANCE
+            ),
+            num_images=checks.integer("num_images", self.num_images, 1, max_images),
+        )
 
 
 def draw_noise(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
@@ -116,6 +117,8 @@ class GenerationJob:
         for features in flow_features(gen, cond, self.noise, p.steps, p.guidance):
             if features is None:
                 yield "dit"
+        hint = "lower the guidance scales or check the engine folder (python export/check.py)"
+        checks.finite("the DiT's image features", features, hint)
         negative = gen.negative_features()  # (1, 64, C)
         self.stage = "unet"
         s = self.schedule
@@ -140,6 +143,7 @@ class GenerationJob:
         vae = gen.session("vae_decoder")
         images = vae.to_host(vae.run({"latents": latents})["images"]).astype(np.float32)
         gen.release("vae_decoder")
+        checks.finite("the decoded image", images, hint)
         self._images = [to_pil(x) for x in images]
         self.stage = "done"
         yield "vae_decoder"

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import UserError
 from runtime.generation import GenerationJob, GenerationParams, draw_noise, flow_features
 from runtime.manifest import (
     EngineFolderError,
     atomic_write_bytes,
+    file_path,
     graph_spec,
-    load_manifest,
+    read_manifest,
     rebuild_hint,
     verify_file,
 )
@@ -39,6 +41,21 @@ from runtime.understanding import answer_tokens
 
 log = logging.getLogger(__name__)
 NEGATIVE_FILE = "negative_features.npy"
+
+
+def _load_array(folder: Path, entry: dict, ndim: int, *, mmap: bool = False) -> np.ndarray:
+    """A host asset (.npy) of the folder, refused with one line when it is not what it says."""
+    path = file_path(folder, entry)
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise EngineFolderError(f"{path} is not a numpy array file ({err}); rebuild") from err
+    if array.ndim != ndim or array.dtype.kind != "f":
+        raise EngineFolderError(
+            f"{path} holds a {array.dtype} array of shape {array.shape}; expected {ndim}-D "
+            "floats; rebuild the folder"
+        )
+    return array
 
 
 class Generator:
@@ -54,7 +71,7 @@ class Generator:
         session_options: dict | None = None,
     ) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+            raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if variant is not None and manifest["variant"] != variant:
             raise EngineFolderError(
                 f"{folder} holds a {manifest['variant']} engine folder, not {variant}; build "
@@ -67,8 +84,13 @@ class Generator:
         self.io_dtype = np.dtype(io_dtype(self.precision)) if self.precision != "bf16" else None
         self.prompts = PromptEncoder.from_folder(folder, manifest)
         host = manifest["host"]
-        self.embeddings = np.load(folder / host["embeddings"]["file"], mmap_mode="r")  # (V, H)
-        self.latent_queries = np.load(folder / host["latent_queries"]["file"])  # (1, 64, H)
+        self.embeddings = _load_array(folder, host["embeddings"], 2, mmap=True)  # (V, H)
+        self.latent_queries = _load_array(folder, host["latent_queries"], 3)  # (1, 64, H)
+        if self.embeddings.shape[1] != self.latent_queries.shape[2]:
+            raise EngineFolderError(
+                f"{folder}: token embeddings {self.embeddings.shape} and latent queries "
+                f"{self.latent_queries.shape} disagree on the width; rebuild the folder"
+            )
         self.session_options = dict(session_options or {})
         self._sessions: dict = {}
         self._negative: np.ndarray | None = None
@@ -86,19 +108,24 @@ class Generator:
         verify: bool = True,
         session_options: dict | None = None,
     ) -> Generator:
-        """Open an engine folder; `verify` checks every listed file's sha256 first.
+        """Open an engine folder; `verify` checks the sha256 of every file this backend will
+        load first (the ONNX graphs, or the TensorRT engines, and the host assets). The manifest
+        is validated whole in any case (`read_manifest`), file names confined to the folder.
 
         `session_options` go to every session (e.g. `{"threads": 1}` for ONNX Runtime).
         """
         folder = Path(path)
-        manifest = load_manifest(folder)
-        if verify:
-            for entry in manifest.get("host", {}).values():
-                verify_file(folder, entry, manifest)
-            for graph in manifest["graphs"].values():
-                verify_file(folder, graph, manifest)
+        manifest = read_manifest(folder)
         if "host" not in manifest:
             raise EngineFolderError(f"{folder}: build did not finish; run {rebuild_hint(manifest)}")
+        if verify:
+            for entry in manifest["host"].values():
+                verify_file(folder, entry, manifest)
+            for graph in manifest["graphs"].values():
+                if backend == "tensorrt" and graph.get("engine"):
+                    verify_file(folder, graph["engine"], manifest)
+                elif backend != "tensorrt":
+                    verify_file(folder, graph, manifest)
         return cls(
             folder,
             manifest,
@@ -121,11 +148,11 @@ class Generator:
                         f"python export/build_engines.py --variant {self.manifest['variant']} "
                         "--backend tensorrt"
                     )
-                path = self.folder / entry["engine"]["file"]
+                path = file_path(self.folder, entry["engine"])
             elif self.backend == "torch":
                 path = self.folder
             else:
-                path = self.folder / entry["file"]
+                path = file_path(self.folder, entry)
             self._sessions[name] = open_session(
                 spec,
                 path,
@@ -162,7 +189,7 @@ class Generator:
         spec = graph_spec(self.manifest, "prefill")
         limit = spec.dim("seq").max - self.latent_queries.shape[1]
         if len(ids) > limit:
-            raise ValueError(
+            raise UserError(
                 f"prompt is {len(ids)} tokens; this engine folder's prefill takes at most "
                 f"{limit} (+ {self.latent_queries.shape[1]} queries). Shorten the prompt."
             )
@@ -199,8 +226,15 @@ class Generator:
     def _load_negative(self):
         path = self.folder / NEGATIVE_FILE
         meta = path.with_suffix(".json")
-        if path.is_file() and meta.is_file() and meta.read_text() == self._negative_key():
-            return np.load(path)
+        try:
+            if path.is_file() and meta.is_file() and meta.read_text() == self._negative_key():
+                cached = np.load(path, allow_pickle=False)
+                d = self.config["dit"]
+                shape = (1, d["input_size"] ** 2, d["in_channels"])
+                if cached.shape == shape and np.isfinite(cached).all():
+                    return cached.astype(np.float32)
+        except (OSError, ValueError, EOFError, UnicodeDecodeError) as err:
+            log.warning("recomputing the unreadable negative-feature cache %s: %s", path, err)
         return None
 
     def _compute_negative(self) -> np.ndarray:
@@ -246,7 +280,7 @@ class Generator:
             else decoder_guidance,
             num_images=num_images,
         )
-        params.validate(graph_spec(self.manifest, "dit_step").dim("batch").max)
+        params = params.validate(graph_spec(self.manifest, "dit_step").dim("batch").max)
         return GenerationJob(self, params)
 
     def generate(

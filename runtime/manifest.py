@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.manifest_schema import FORMAT_VERSION, SCHEMAS, SchemaError, confined, validate
 from runtime.spec import GraphSpec, spec_from_dict
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 
 
 class EngineFolderError(UserError):
@@ -63,11 +63,16 @@ def atomic_write_json(path: str | Path, data: dict) -> None:
 
 
 def load_manifest(folder: str | Path) -> dict:
-    """Read and sanity-check an engine folder's manifest."""
+    """Read an engine folder's manifest and check its format (the exporter's view, which also
+    reads folders whose build has not finished). The runtime opens folders with `read_manifest`."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.exists():
         raise EngineFolderError(
             f"engine folder {folder} does not exist; build one with: {rebuild_hint(None)}"
+        )
+    if not folder.is_dir():
+        raise EngineFolderError(
+            f"{folder} is a file, not an engine folder; pass the folder that holds {MANIFEST}"
         )
     path = folder / MANIFEST
     if not path.is_file():
@@ -76,24 +81,47 @@ def load_manifest(folder: str | Path) -> dict:
             f"{rebuild_hint(None)}"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise EngineFolderError(f"{path} is not valid JSON ({err}); rebuild the folder") from err
+    if not isinstance(manifest, dict):
+        raise EngineFolderError(f"{path} is not a JSON object; rebuild the folder")
+    hint = rebuild_hint(manifest if isinstance(manifest.get("variant"), str) else None)
     version = manifest.get("format")
-    if version != FORMAT_VERSION:
+    if type(version) is int and version > FORMAT_VERSION:
+        needs = manifest.get("min_runtime")
+        needs = f"blip3o-edge {needs} or newer" if isinstance(needs, str) else "a newer blip3o-edge"
+        raise EngineFolderError(
+            f"{path}: manifest format {version} is newer than this runtime reads (format "
+            f"{FORMAT_VERSION}); it needs {needs}: upgrade, or rebuild with this version: {hint}"
+        )
+    if version not in SCHEMAS:
         raise EngineFolderError(
             f"{path}: manifest format {version!r}, this runtime reads format {FORMAT_VERSION}; "
-            f"rebuild with: {rebuild_hint(manifest)}"
+            f"rebuild with: {hint}"
         )
     for key in ("variant", "precision", "graphs", "config"):
         if key not in manifest:
-            raise EngineFolderError(f"{path}: field {key!r} is missing; rebuild the folder")
+            raise EngineFolderError(f"{path}: field {key!r} is missing; rebuild with: {hint}")
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """`load_manifest` plus the whole schema: every field the runtime reads has the right type
+    and range, and every file name stays inside the folder."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    try:
+        validate(manifest, folder)
+    except SchemaError as err:
+        hint = rebuild_hint(manifest if isinstance(manifest.get("variant"), str) else None)
+        raise EngineFolderError(f"{folder / MANIFEST}: {err}; rebuild with: {hint}") from err
     return manifest
 
 
 def verify_file(folder: Path, entry: dict, manifest: dict) -> Path:
     """Check one recorded file's presence and sha256; return its path."""
-    path = folder / entry["file"]
+    path = file_path(folder, entry)
     if not path.is_file():
         raise EngineFolderError(
             f"{path} is listed in the manifest but missing; rebuild with: {rebuild_hint(manifest)}"
@@ -106,6 +134,14 @@ def verify_file(folder: Path, entry: dict, manifest: dict) -> Path:
     for extra in entry.get("external_data", []):
         verify_file(folder, extra, manifest)
     return path
+
+
+def file_path(folder: Path, entry: dict) -> Path:
+    """The path of a manifest file record, refused when it leads outside the folder."""
+    try:
+        return confined(folder, entry["file"], "file")
+    except SchemaError as err:
+        raise EngineFolderError(f"{folder / MANIFEST}: {err}") from err
 
 
 def graph_spec(manifest: dict, name: str) -> GraphSpec:

@@ -4,28 +4,75 @@ Generation: the caption is wrapped in the generation instruction and the chat te
 and `[IMG]` is appended (its embedding is then followed by the 64 latent queries). The decoder's
 negative features use the raw blank prompt (no template). Understanding: one image's merged patch
 tokens (`<|image_pad|>` repeated) between the vision markers, then the question, in the chat.
+
+User text (a caption, a question) is always text: a `<|im_end|>` or `<|image_pad|>` typed by a
+user is encoded as its characters, never as the control token, so it can neither open a chat turn
+nor claim image slots. Only the template's own special tokens are parsed. The tokenizer splits on
+special tokens before anything else, so encoding each run between them on its own gives the same
+ids as one pass over the whole string.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from runtime import checks
+from runtime.manifest import EngineFolderError
+
+_SLOT = "\ue000"  # a private-use character: where the user text goes in a rendered template
 
 
 class PromptEncoder:
     def __init__(self, tokenizer: Tokenizer, template: dict, backbone: dict) -> None:
         self.tokenizer = tokenizer
         self.template = template
+        # A copy that reads special-token strings as text (the shared one is not mutated).
+        self.literal = Tokenizer.from_str(tokenizer.to_str())
+        self.literal.encode_special_tokens = True
+        self.special = {
+            t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
+        }
+        names = sorted(self.special, key=len, reverse=True)
+        alternatives = "|".join(map(re.escape, names))
+        self._special_re = re.compile(f"({alternatives})") if names else None
         self.img_token_id = backbone["img_token_id"]
         self.image_token_id = backbone["image_token_id"]
         self.eos_token_id = backbone["eos_token_id"]
 
     @classmethod
     def from_folder(cls, folder: Path, manifest: dict) -> PromptEncoder:
-        tokenizer = Tokenizer.from_file(str(folder / manifest["host"]["tokenizer"]["file"]))
+        path = folder / manifest["host"]["tokenizer"]["file"]
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises a bare Exception
+            raise EngineFolderError(
+                f"{path} is not a tokenizer file ({err}); rebuild the folder"
+            ) from err
         return cls(tokenizer, manifest["template"], manifest["config"]["backbone"])
+
+    def _runs(self, trusted: str) -> list[str | int]:
+        """A trusted string as text runs (str) and its special tokens (ids)."""
+        if self._special_re is None:
+            return [trusted]
+        parts = self._special_re.split(trusted)  # text, special, text, ...
+        return [self.special[p] if i % 2 else p for i, p in enumerate(parts)]
+
+    def encode(self, rendered: str, user: str) -> list[int]:
+        """Ids of a rendered template whose one `_SLOT` is replaced by `user`, as text."""
+        before, after = rendered.split(_SLOT)
+        head, tail = self._runs(before), self._runs(after)
+        pieces = [*head[:-1], head[-1] + user + tail[0], *tail[1:]]
+        ids: list[int] = []
+        for piece in pieces:
+            if isinstance(piece, int):
+                ids.append(piece)
+            elif piece:
+                ids += self.literal.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def _chat(self, text: str) -> str:
         t = self.template
@@ -34,19 +81,21 @@ class PromptEncoder:
     def generation_ids(self, prompt: str, *, template: bool = True) -> np.ndarray:
         """int64 (S,) ids of a generation prompt ending in `[IMG]`."""
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-        text = self._chat(self.template["generation_instruction"].format(caption=prompt))
-        ids = self.tokenizer.encode(text if template else prompt, add_special_tokens=False).ids
+            checks.text("prompt", prompt)
+        if template:
+            rendered = self._chat(self.template["generation_instruction"].format(caption=_SLOT))
+            ids = self.encode(rendered, prompt)
+        else:  # the manifest's own negative prompt: trusted
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return np.array([*ids, self.img_token_id], dtype=np.int64)
 
     def chat_ids(self, question: str, num_image_tokens: int) -> np.ndarray:
         """int64 (S,) ids of an image + question chat prompt."""
         if not isinstance(question, str):
-            raise TypeError(f"question must be a str, got {type(question).__name__}")
+            checks.text("question", question)
         t = self.template
-        user = t["image_chat"].format(image=t["image_pad"] * num_image_tokens, question=question)
-        ids = self.tokenizer.encode(self._chat(user), add_special_tokens=False).ids
-        return np.array(ids, dtype=np.int64)
+        user = t["image_chat"].format(image=t["image_pad"] * num_image_tokens, question=_SLOT)
+        return np.array(self.encode(self._chat(user), question), dtype=np.int64)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -89,7 +89,9 @@ def test_num_images(gen):
     [
         (dict(prompt=""), "prompt is empty"),
         (dict(prompt="a " * 600), "at most"),
-        (dict(prompt="a", steps=0), "steps must be an integer"),
+        (dict(prompt="a", steps=0), r"steps must be in \[1, 1000\]"),
+        (dict(prompt="a", steps=True), "steps must be an integer"),
+        (dict(prompt="a", guidance=1e38), "guidance must be a finite number in"),
         (dict(prompt="a", guidance=float("nan")), "guidance must be a finite"),
         (dict(prompt="a", decoder_guidance=-1), "decoder_guidance"),
         (dict(prompt="a", seed=-1), "seed must be in"),

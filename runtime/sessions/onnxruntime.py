@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from runtime.errors import UserError
+from runtime.manifest import EngineFolderError
 from runtime.spec import GraphSpec, check_feeds
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,11 @@ def providers_for(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device not in _GPU_PROVIDERS:
-        raise ValueError(f"unknown device {device!r}; valid: cpu, cuda, tensorrt")
+        raise UserError(f"unknown device {device!r}; valid: cpu, cuda, tensorrt")
     wanted = _GPU_PROVIDERS[device]
     available = ort.get_available_providers()
     if wanted[0] not in available:
-        raise ValueError(
+        raise UserError(
             f"device {device!r} needs onnxruntime's {wanted[0]}, which this install lacks "
             f"(available: {available}); install onnxruntime-gpu or use device='cpu'"
         )
@@ -60,14 +62,22 @@ class OrtSession:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(
-            str(path), sess_options=options, providers=providers_for(device)
-        )
+        providers = providers_for(device)
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=providers
+            )
+        except Exception as err:  # onnxruntime's own error types share no public base
+            raise EngineFolderError(
+                f"{path} is not an ONNX graph ONNX Runtime can load "
+                f"({str(err).splitlines()[0][:200]}); rebuild the engine folder"
+            ) from err
         self._on_gpu = device != "cpu"
         names = [i.name for i in self._session.get_inputs()]
         if names != spec.input_names:
-            raise ValueError(
-                f"{path}: graph inputs {names} differ from the spec {spec.input_names}"
+            raise EngineFolderError(
+                f"{path}: graph inputs {names} differ from the spec {spec.input_names}; "
+                "rebuild the engine folder"
             )
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:

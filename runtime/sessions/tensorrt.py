@@ -12,6 +12,7 @@ every decision that does not need them is a pure function here, tested without a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -102,6 +103,18 @@ def check_engine_compat(entry: dict, trt_version: str, sm: tuple, manifest: dict
                 f"machine has {field} {found}; engines do not survive that change: "
                 f"rebuild with: {hint}"
             )
+
+
+def check_engine_bytes(data: bytes, entry: dict, path: Path, manifest: dict | None = None):
+    """Raise `EngineFolderError` unless an engine file's bytes have the sha256 its manifest entry
+    (`graphs[name]`) records: a TensorRT plan is code the GPU runs, never deserialized unchecked."""
+    want = (entry.get("engine") or {}).get("sha256")
+    if not want or hashlib.sha256(data).hexdigest() != want:
+        hint = rebuild_hint(manifest or {"backend": "tensorrt"})
+        raise EngineFolderError(
+            f"{path} does not match the sha256 in the manifest ({want or 'none recorded'}): "
+            f"corrupt or replaced; rebuild with: {hint}"
+        )
 
 
 def engine_io_errors(spec: GraphSpec, precision: str, io: dict[str, tuple[str, str]]) -> list:
@@ -212,11 +225,13 @@ class TrtSession:
         props = _ok(rt.cudaGetDeviceProperties(index))
         file = path.parent / MANIFEST  # check an engine listed in its folder's manifest
         manifest = json.loads(file.read_text()) if file.is_file() else None
+        data = path.read_bytes()  # hashed and deserialized from the same bytes
         for entry in (manifest or {}).get("graphs", {}).values():
             if (entry.get("engine") or {}).get("file") == path.name:
                 check_engine_compat(entry, trt.__version__, (props.major, props.minor), manifest)
+                check_engine_bytes(data, entry, path, manifest)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engine
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise RuntimeError(
                 f"TensorRT {trt.__version__} could not deserialize {path}; "
