@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from export.onnx_export import expected_output_shapes  # noqa: E402
-from runtime.manifest import EngineFolderError, graph_spec, load_manifest, verify_file  # noqa: E402
+from runtime.manifest import EngineFolderError, graph_spec, read_manifest, verify_file  # noqa: E402
 from runtime.spec import profile_sizes, sample_inputs  # noqa: E402
 
 log = logging.getLogger("check")
@@ -50,7 +50,7 @@ def check_folder(
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
-    manifest = load_manifest(folder)
+    manifest = read_manifest(folder)
     for entry in manifest.get("host", {}).values():
         verify_file(folder, entry, manifest)
     try:

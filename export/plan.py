@@ -14,10 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.stage_defs import onnx_precision
-from export.stages import REPO, EngineFolder, remove_partials, tool_versions
+from export.stages import (
+    REPO,
+    EngineFolder,
+    InterruptGuard,
+    LockedError,
+    build_lock,
+    remove_partials,
+    tool_versions,
+)
 from runtime.errors import UserError
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
 from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
+from runtime.manifest_schema import SCHEMAS
 from runtime.spec import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -215,13 +224,30 @@ def build(request: BuildRequest) -> Path:
     wanted = request.graphs or RUNTIME_GRAPHS
     names = [g for g in GRAPHS if g in wanted]
     versions = tool_versions()
-    manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
     factory = StageFactory(request, source, precision, specs, versions, sm, trt)
-    engine = EngineFolder(folder, manifest)
     if request.dry_run:
-        _print_plan(engine, factory, names, folder, source)
+        manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
+        _print_plan(EngineFolder(folder, manifest), factory, names, folder, source)
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    created = not folder.exists()
+    try:
+        with build_lock(folder), InterruptGuard() as guard:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Read under the lock: a build that finished meanwhile is seen, not overwritten.
+            manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
+            _run_stages(EngineFolder(folder, manifest, guard), factory, names, request)
+    except LockedError as err:
+        raise BuildError(str(err)) from None
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # nothing was built: leave no empty folder behind
+        raise
+    return folder
+
+
+def _run_stages(engine: EngineFolder, factory, names: list[str], request: BuildRequest) -> None:
+    folder, manifest, precision = engine.folder, engine.manifest, factory.precision
+    source = factory.source
     for leftover in remove_partials(folder):
         log.warning("removed %s left by an interrupted build", leftover.name)
     log.info("building %s-%s in %s from %s", request.variant, precision, folder, source.label)
@@ -238,7 +264,6 @@ def build(request: BuildRequest) -> Path:
     bar.close()
     manifest["host"] = factory.host_entry(engine)
     engine.save()
-    return folder
 
 
 def _start_manifest(folder, request, precision, source, sm, trt, versions) -> dict:
@@ -253,6 +278,7 @@ def _start_manifest(folder, request, precision, source, sm, trt, versions) -> di
     s = source.config.sampler
     manifest.update(
         format=FORMAT_VERSION,
+        min_runtime=SCHEMAS[FORMAT_VERSION][1],
         variant=request.variant,
         precision=precision,
         backend=request.backend,

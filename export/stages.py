@@ -13,13 +13,17 @@ intact and no partial file behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,12 +67,99 @@ def partial_dir(folder: Path, stage: str) -> Path:
     return folder / f".partial-{os.getpid()}-{safe}"
 
 
+_OWNER = re.compile(r"^\.partial-(\d+)-|\.tmp-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def remove_partials(folder: Path) -> list[Path]:
-    """Delete leftovers of an interrupted build (temporary folders and names only)."""
-    leftovers = sorted(folder.glob(".partial-*")) + sorted(folder.glob("*.tmp-*"))
-    for p in leftovers:
+    """Delete leftovers of interrupted builds (temporary folders and names) whose writer is gone;
+    a live process's temporary files (a runtime caching into the folder) are left alone."""
+    removed = []
+    for p in sorted(folder.glob(".partial-*")) + sorted(folder.glob("*.tmp-*")):
+        match = _OWNER.search(p.name)
+        pid = next((int(g) for g in match.groups() if g), None) if match else None
+        if pid is not None and _alive(pid):
+            continue
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    return leftovers
+        removed.append(p)
+    return removed
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of an engine folder: beside it, so it never lands in the folder's files."""
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold the folder's build lock for the block; a second build refuses with `LockedError`
+    naming the process that holds it. The lock is an `flock` on `lock_path(folder)`, released
+    by the kernel if the holder dies, so a killed build never leaves the folder locked."""
+    import fcntl  # POSIX (Linux servers and Jetsons)
+
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise LockedError(
+                f"another build (pid {holder}) is writing {folder}; wait for it to finish, "
+                "or build into another --out"
+            ) from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class LockedError(RuntimeError):
+    """The engine folder is being built by another process."""
+
+
+class InterruptGuard:
+    """Ctrl-C during a stage is never lost. While active (main thread only), SIGINT sets a flag
+    and raises `KeyboardInterrupt`; code deep in an exporter that swallows the exception cannot
+    hide it: `check()` after each stage raises it again, before the stage's files are kept."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt("interrupted during a stage")
 
 
 @dataclass
@@ -88,9 +179,10 @@ class Stage:
 class EngineFolder:
     """The output folder and its manifest, updated stage by stage."""
 
-    def __init__(self, folder: Path, manifest: dict) -> None:
+    def __init__(self, folder: Path, manifest: dict, guard: InterruptGuard | None = None) -> None:
         self.folder = folder
         self.manifest = manifest
+        self.guard = guard or InterruptGuard()
         self.manifest.setdefault("stages", {})
 
     def up_to_date(self, stage: Stage) -> bool:
@@ -113,6 +205,7 @@ class EngineFolder:
         tmp.mkdir(parents=True)
         try:
             info = stage.run(tmp) or {}
+            self.guard.check()  # a swallowed Ctrl-C must not keep a half-made stage
             written = sorted(p for p in tmp.iterdir() if p.is_file())
             if not written:
                 raise RuntimeError(f"stage {stage.name} wrote no file")

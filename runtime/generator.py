@@ -86,6 +86,12 @@ class Generator:
         host = manifest["host"]
         self.embeddings = _load_array(folder, host["embeddings"], 2, mmap=True)  # (V, H)
         self.latent_queries = _load_array(folder, host["latent_queries"], 3)  # (1, 64, H)
+        vocab = self.prompts.tokenizer.get_vocab_size(with_added_tokens=True)
+        if self.embeddings.shape[0] < vocab:
+            raise EngineFolderError(
+                f"{folder}: {self.embeddings.shape[0]} token embeddings for a tokenizer of "
+                f"{vocab} tokens; rebuild the folder"
+            )
         if self.embeddings.shape[1] != self.latent_queries.shape[2]:
             raise EngineFolderError(
                 f"{folder}: token embeddings {self.embeddings.shape} and latent queries "

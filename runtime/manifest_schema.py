@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
 from runtime.spec import PRECISIONS, spec_from_dict
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -155,8 +156,8 @@ SCHEMA_V1 = {
             "num_train_timesteps": _int(1, 100_000),
             "beta_start": _number(0.0, 1.0),
             "beta_end": _number(0.0, 1.0),
-            "beta_schedule": TEXT,
-            "timestep_spacing": TEXT,
+            "beta_schedule": _one_of(*BETA_SCHEDULES),
+            "timestep_spacing": _one_of(*TIMESTEP_SPACINGS),
             "steps_offset": _int(0, 1000),
         },
     },
@@ -237,3 +238,33 @@ def validate(manifest: dict, folder: Path) -> None:
     for path, entry in file_fields(manifest):
         check(FILE, entry, path)
         confined(folder, entry["file"], f"{path}.file")
+    _check_latent_shapes(manifest)
+
+
+def _check_latent_shapes(manifest: dict) -> None:
+    """The config's feature and latent grids must be the ones the graphs were exported for: the
+    runtime draws its noise from the config and feeds it to the graphs."""
+    cfg = manifest["config"]
+    d, dec = cfg["dit"], cfg["decoder"]
+    side = dec["image_size"] // 2 ** (len(dec["vae_block_out_channels"]) - 1)
+    want = {
+        "dit": (d["in_channels"], d["input_size"], d["input_size"], "config.dit"),
+        "unet": (dec["latent_channels"], side, side, "config.decoder"),
+    }
+    for graph, kind in (
+        ("dit_step", "dit"),
+        ("dit", "dit"),
+        ("unet_step", "unet"),
+        ("unet", "unet"),
+        ("vae_decoder", "unet"),
+    ):
+        entry = manifest["graphs"].get(graph)
+        latents = [
+            t for t in (entry or {}).get("spec", {}).get("inputs", []) if t.get("name") == "latents"
+        ]
+        if latents and tuple(latents[0]["shape"][1:]) != want[kind][:3]:
+            raise SchemaError(
+                want[kind][3],
+                f"gives latents {want[kind][:3]}, but graph {graph} takes "
+                f"{tuple(latents[0]['shape'][1:])}",
+            )

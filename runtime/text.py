@@ -42,6 +42,19 @@ class PromptEncoder:
         self.img_token_id = backbone["img_token_id"]
         self.image_token_id = backbone["image_token_id"]
         self.eos_token_id = backbone["eos_token_id"]
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        for name in ("img_token_id", "image_token_id", "eos_token_id", "vision_start_token_id"):
+            if not 0 <= backbone[name] < vocab:
+                raise EngineFolderError(
+                    f"config.backbone.{name} is {backbone[name]}, outside the tokenizer's "
+                    f"{vocab} tokens; rebuild the folder"
+                )
+        pad = tokenizer.encode(template["image_pad"], add_special_tokens=False).ids
+        if pad != [self.image_token_id]:
+            raise EngineFolderError(
+                f"template.image_pad {template['image_pad']!r} is not the image token "
+                f"{self.image_token_id} of this tokenizer (it encodes to {pad}); rebuild the folder"
+            )
 
     @classmethod
     def from_folder(cls, folder: Path, manifest: dict) -> PromptEncoder:
