@@ -25,10 +25,10 @@ from export.plan import (  # noqa: E402
     BACKENDS,
     PRECISION_CHOICES,
     VARIANTS,
-    BuildError,
     BuildRequest,
     build,
 )
+from runtime.errors import UserError  # noqa: E402
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS  # noqa: E402
 
 log = logging.getLogger("build_engines")
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         folder = build(request)
-    except BuildError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:  # BuildError, EngineFolderError: the user can fix it
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run again to resume", file=sys.stderr)

@@ -305,3 +305,29 @@ def test_fuzz_a_manifest_the_reader_accepts_runs_or_fails_cleanly(
             g.answer(image, "Describe the image.", max_new_tokens=2)
     except (UserError, ResultError) as err:
         assert "\n" not in str(err)
+
+
+# ---- TensorRT engines are hashed before they are deserialized -----------------------------------
+def test_engine_bytes_must_match_the_manifest(tmp_path):
+    import hashlib
+
+    from runtime.sessions.tensorrt import check_engine_bytes
+
+    data = b"serialized plan"
+    entry = {"engine": {"file": "x.plan", "sha256": hashlib.sha256(data).hexdigest()}}
+    check_engine_bytes(data, entry, tmp_path / "x.plan")
+    for bad_entry, bad_data in ((entry, data + b"!"), ({"engine": {"file": "x.plan"}}, data)):
+        with pytest.raises(EngineFolderError, match="does not match the sha256"):
+            check_engine_bytes(bad_data, bad_entry, tmp_path / "x.plan")
+
+
+def test_from_dir_verifies_the_engines_the_backend_loads(folder_copy):
+    (folder_copy / "dit_step.plan").write_bytes(b"tampered")
+
+    def edit(m):
+        m["graphs"]["dit_step"]["engine"] = {"file": "dit_step.plan", "sha256": "0" * 64}
+
+    rewrite(folder_copy, edit)
+    with pytest.raises(EngineFolderError, match="dit_step.plan does not match the sha256"):
+        Generator.from_dir(folder_copy, backend="tensorrt", device="cuda")
+    Generator.from_dir(folder_copy).close()  # ONNX Runtime loads the ONNX files, which are intact
