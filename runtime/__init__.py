@@ -1,4 +1,21 @@
 """Torch-free BLIP3-o runtime: sampling loops over ONNX Runtime / TensorRT sessions.
 
-Importing this package (and running a generation) never imports torch, transformers or diffusers.
+    import runtime
+    with runtime.Generator.from_dir("engines/tiny-fp32") as gen:
+        image = gen.generate("a red circle")[0]
+
+Importing this package (and running a generation) never imports torch, transformers or diffusers;
+`Generator` is loaded on first access, so `import runtime` stays cheap for the CLI.
 """
+
+from __future__ import annotations
+
+__all__ = ["Generator"]
+
+
+def __getattr__(name: str):
+    if name == "Generator":
+        from runtime.generator import Generator
+
+        return Generator
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
