@@ -54,3 +54,15 @@ def test_export_uses_only_runtime_plain_data():
 def test_top_level_names_are_ours(package):
     spec = importlib.util.find_spec(package)
     assert spec is not None and Path(spec.origin).resolve().is_relative_to(REPO), spec
+
+
+def test_runtime_exports_generator_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runtime; assert 'runtime.generator' not in sys.modules; "
+        "from runtime.generator import Generator; assert runtime.Generator is Generator; "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -331,11 +331,3 @@ def test_from_dir_verifies_the_engines_the_backend_loads(folder_copy):
     with pytest.raises(EngineFolderError, match="dit_step.plan does not match the sha256"):
         Generator.from_dir(folder_copy, backend="tensorrt", device="cuda")
     Generator.from_dir(folder_copy).close()  # ONNX Runtime loads the ONNX files, which are intact
-
-
-def test_runtime_exports_generator():
-    import runtime
-
-    assert runtime.Generator is Generator
-    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        runtime.Nope  # noqa: B018
