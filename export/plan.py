@@ -17,6 +17,7 @@ from export.stage_defs import onnx_precision
 from export.stages import REPO, EngineFolder, remove_partials, tool_versions
 from runtime.errors import UserError
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
+from runtime.hardware import PLANNING_SM, auto_precision, resolve_precision
 from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
 from runtime.spec import PRECISIONS
 
@@ -77,7 +78,6 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
     if request.checkpoint is not None and not request.checkpoint.is_dir():
         raise BuildError(f"checkpoint folder {request.checkpoint} does not exist")
     from export.trt_build import compute_capability, tensorrt_version
-    from export.trt_plan import resolve_precision
 
     sm = compute_capability()
     trt = tensorrt_version()
@@ -90,18 +90,18 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
             )
         if sm is None and not request.dry_run:
             raise BuildError("--backend tensorrt needs a CUDA GPU; none was found")
+    if request.precision == "auto":  # the decision `python -m runtime doctor` reports
+        precision, reason = auto_precision(request.backend, sm)
+        log.info("--precision auto: %s (%s)", precision, reason)
+        return precision, sm, trt
+    precision = request.precision
+    # TensorRT: the GPU must run it (a dry run without one plans for PLANNING_SM); ONNX Runtime
+    # builds anything on CPU, but an fp8 folder on a GPU needs FP8 tensor cores.
+    if request.backend == "tensorrt" or (precision == "fp8" and sm is not None):
         try:
-            precision = resolve_precision(request.precision, sm or (9, 0))
+            resolve_precision(precision, sm or PLANNING_SM)
         except ValueError as err:
             raise BuildError(str(err)) from err
-    else:
-        # ONNX Runtime: CPU unless the user's ORT has CUDA; fp32 runs everywhere.
-        precision = "fp32" if request.precision == "auto" else request.precision
-        if precision == "fp8" and sm is not None:
-            try:
-                resolve_precision("fp8", sm)
-            except ValueError as err:
-                raise BuildError(str(err)) from err
     return precision, sm, trt
 
 
