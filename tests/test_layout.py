@@ -43,10 +43,10 @@ def test_training_imports_neither_export_nor_runtime():
 
 def test_export_uses_only_runtime_plain_data():
     # specs, graphs and manifest are the contract; the schedules are the ones the runtime feeds;
-    # errors, hardware (precision per GPU) and probe (machine facts) are the plain-data decisions
-    # the exporter shares with `runtime doctor`
+    # errors, hardware (precision per GPU), probe (machine facts) and compat (install rules) are
+    # the plain-data decisions the exporter shares with `runtime doctor`
     allowed = {"runtime.spec", "runtime.graphs", "runtime.manifest", "runtime.schedule"}
-    allowed |= {"runtime.errors", "runtime.hardware", "runtime.probe"}
+    allowed |= {"runtime.errors", "runtime.hardware", "runtime.probe", "runtime.compat"}
     for path in sources("export"):
         for name in imports_of(path):
             if name.split(".")[0] == "runtime":
