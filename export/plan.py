@@ -9,12 +9,14 @@ one at a time; the PyTorch pipeline is loaded once, lazily, and only when a stag
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.stage_defs import onnx_precision
 from export.stages import REPO, EngineFolder, remove_partials, tool_versions
+from runtime.compat import INSTALL_ORT
 from runtime.errors import UserError
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
 from runtime.hardware import PLANNING_SM, auto_precision, resolve_precision
@@ -90,6 +92,8 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
             )
         if sm is None and not request.dry_run:
             raise BuildError("--backend tensorrt needs a CUDA GPU; none was found")
+    if not request.dry_run and importlib.util.find_spec("onnxruntime") is None:
+        raise BuildError(f"the exporter checks every graph with ONNX Runtime: {INSTALL_ORT}")
     if request.precision == "auto":  # the decision `python -m runtime doctor` reports
         precision, reason = auto_precision(request.backend, sm)
         log.info("--precision auto: %s (%s)", precision, reason)
