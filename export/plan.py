@@ -9,6 +9,7 @@ one at a time; the PyTorch pipeline is loaded once, lazily, and only when a stag
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,10 @@ from export.stages import (
     remove_partials,
     tool_versions,
 )
+from runtime.compat import INSTALL_ORT
 from runtime.errors import UserError
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
+from runtime.hardware import PLANNING_SM, auto_precision, resolve_precision
 from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
 from runtime.manifest_schema import SCHEMAS
 from runtime.spec import PRECISIONS
@@ -86,7 +89,6 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
     if request.checkpoint is not None and not request.checkpoint.is_dir():
         raise BuildError(f"checkpoint folder {request.checkpoint} does not exist")
     from export.trt_build import compute_capability, tensorrt_version
-    from export.trt_plan import resolve_precision
 
     sm = compute_capability()
     trt = tensorrt_version()
@@ -99,18 +101,20 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
             )
         if sm is None and not request.dry_run:
             raise BuildError("--backend tensorrt needs a CUDA GPU; none was found")
+    if not request.dry_run and importlib.util.find_spec("onnxruntime") is None:
+        raise BuildError(f"the exporter checks every graph with ONNX Runtime: {INSTALL_ORT}")
+    if request.precision == "auto":  # the decision `python -m runtime doctor` reports
+        precision, reason = auto_precision(request.backend, sm)
+        log.info("--precision auto: %s (%s)", precision, reason)
+        return precision, sm, trt
+    precision = request.precision
+    # TensorRT: the GPU must run it (a dry run without one plans for PLANNING_SM); ONNX Runtime
+    # builds anything on CPU, but an fp8 folder on a GPU needs FP8 tensor cores.
+    if request.backend == "tensorrt" or (precision == "fp8" and sm is not None):
         try:
-            precision = resolve_precision(request.precision, sm or (9, 0))
+            resolve_precision(precision, sm or PLANNING_SM)
         except ValueError as err:
             raise BuildError(str(err)) from err
-    else:
-        # ONNX Runtime: CPU unless the user's ORT has CUDA; fp32 runs everywhere.
-        precision = "fp32" if request.precision == "auto" else request.precision
-        if precision == "fp8" and sm is not None:
-            try:
-                resolve_precision("fp8", sm)
-            except ValueError as err:
-                raise BuildError(str(err)) from err
     return precision, sm, trt
 
 

@@ -49,6 +49,9 @@ def tool_versions(names=_TOOLS + ("nvidia-modelopt", "tensorrt")) -> dict[str, s
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    if "onnxruntime" in versions and versions["onnxruntime"] is None:
+        # the `gpu` extra's onnxruntime-gpu installs the same `onnxruntime` module
+        versions["onnxruntime"] = tool_versions(("onnxruntime-gpu",))["onnxruntime-gpu"]
     return versions
 
 

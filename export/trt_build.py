@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from export.trt_plan import EnginePlan
+from runtime.probe import tensorrt_version, visible_gpus
+
+__all__ = ["build_engine", "compute_capability", "tensorrt_version"]
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +32,9 @@ def _tensorrt():
     return tensorrt
 
 
-def tensorrt_version() -> str | None:
-    """The installed TensorRT version (e.g. '10.8.0.43'), or None without TensorRT."""
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return tensorrt.__version__
-
-
-def parse_compute_cap(text: str) -> tuple[int, int] | None:
-    """'8.7' (nvidia-smi's compute_cap, first line) -> (8, 7); None when unreadable."""
-    first = text.strip().splitlines()[0].strip() if text.strip() else ""
-    major, _, minor = first.partition(".")
-    if not (major.isdigit() and minor.isdigit()):
-        return None
-    return int(major), int(minor)
-
-
 def compute_capability(device: int = 0) -> tuple[int, int] | None:
-    """(major, minor) of a GPU: torch.cuda when it sees one, else nvidia-smi, else None."""
+    """(major, minor) of a GPU: torch.cuda when it sees one, else `runtime.probe`'s nvidia-smi
+    or CUDA driver probe (the facts `runtime doctor` reports), else None."""
     try:
         import torch
 
@@ -58,20 +42,8 @@ def compute_capability(device: int = 0) -> tuple[int, int] | None:
             return tuple(torch.cuda.get_device_capability(device))
     except ImportError:
         pass
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        result = subprocess.run(
-            [smi, "--query-gpu=compute_cap", "--format=csv,noheader", f"--id={device}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return parse_compute_cap(result.stdout) if result.returncode == 0 else None
+    gpus = visible_gpus()[0]
+    return gpus[device].compute_capability if device < len(gpus) else None
 
 
 def _write_atomic(path: Path, data) -> None:

@@ -5,6 +5,7 @@ it is unit-tested without TensorRT; `export.trt_build` only hands a plan to the 
 
 - Precision is one value. `auto` picks FP8 on SM >= 8.9, INT8 on Jetson Orin (SM 8.7, Ampere: no
   FP8) and FP16 elsewhere; an explicit request the GPU cannot run is an error saying what to use.
+  That decision and the GPU table live in `runtime.hardware`, shared with `runtime doctor`.
 - Every network is built STRONGLY_TYPED: precision comes from the ONNX itself (an fp16/bf16 graph,
   or a Q/DQ INT8/FP8 graph), with norms, softmax and RoPE left in fp32 where the exporter put them.
   No FP16/BF16/INT8/FP8 builder flags are set (TensorRT rejects them on strongly typed networks),
@@ -25,96 +26,26 @@ import json
 import re
 from dataclasses import dataclass
 
+from runtime.hardware import (  # noqa: F401  (re-exported: the GPU table is plain data there)
+    BF16_MIN_SM,
+    FP8_MIN_SM,
+    GPU,
+    GPUS,
+    INT8_MIN_SM,
+    REQUESTS,
+    gpu,
+    resolve_precision,
+    supports,
+)
+from runtime.hardware import check_sm as _check_sm
 from runtime.spec import PRECISIONS, Dim, GraphSpec, io_dtype, trt_profile
 
-REQUESTS = ("auto", *PRECISIONS)
-FP8_MIN_SM = (8, 9)
-BF16_MIN_SM = (8, 0)
-INT8_MIN_SM = (7, 2)
 NETWORK_FLAGS = ("STRONGLY_TYPED",)
 BUILDER_FLAGS: tuple[str, ...] = ()  # precision flags are forbidden on strongly typed networks
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 BATCH_DIMS = {"batch": 1, "cfg_batch": 2}  # dim -> multiple of static_batch it is pinned to
 _VERSION = re.compile(r"^\d+(\.\d+)*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_FALLBACKS = {"fp8": ("int8", "bf16", "fp16"), "bf16": ("fp16",), "int8": ("fp16",)}
-
-
-@dataclass(frozen=True)
-class GPU:
-    """What a compute capability is and which reduced precisions its tensor cores run."""
-
-    sm: tuple[int, int]
-    name: str
-    family: str
-    fp8: bool
-    int8: bool
-    bf16: bool
-
-
-# What each GPU runs, as facts; unknown compute capabilities fall back to the SM thresholds above.
-GPUS = {
-    g.sm: g
-    for g in (
-        # Jetson AGX Xavier: its last JetPack (5.x) ships TensorRT 8.5, listed for the rules only.
-        GPU((7, 2), "Jetson Xavier", "Volta", fp8=False, int8=True, bf16=False),
-        GPU((7, 5), "T4 / RTX 20", "Turing", fp8=False, int8=True, bf16=False),
-        GPU((8, 0), "A100 / A30", "Ampere", fp8=False, int8=True, bf16=True),
-        GPU((8, 6), "A10 / A40 / RTX 30", "Ampere", fp8=False, int8=True, bf16=True),
-        GPU((8, 7), "Jetson Orin", "Ampere", fp8=False, int8=True, bf16=True),
-        GPU((8, 9), "L4 / L40 / RTX 40", "Ada Lovelace", fp8=True, int8=True, bf16=True),
-        GPU((9, 0), "H100 / H200", "Hopper", fp8=True, int8=True, bf16=True),
-        GPU((10, 0), "B200 / GB200", "Blackwell", fp8=True, int8=True, bf16=True),
-        # Assumed: Jetson Thor reports SM 11.0 from CUDA 13 on (SM 10.1 before).
-        GPU((11, 0), "Jetson Thor", "Blackwell", fp8=True, int8=True, bf16=True),
-    )
-}
-
-
-def gpu(sm: tuple[int, int]) -> GPU:
-    """The table entry for a compute capability; unknown ones follow the same SM thresholds."""
-    sm = _check_sm(sm)
-    rules = (sm >= FP8_MIN_SM, sm >= INT8_MIN_SM, sm >= BF16_MIN_SM)
-    return GPUS.get(sm) or GPU(sm, "unknown GPU", "unknown family", *rules)
-
-
-def _check_sm(sm) -> tuple[int, int]:
-    ok = isinstance(sm, (tuple, list)) and len(sm) == 2
-    if not (ok and all(isinstance(v, int) and v >= 0 for v in sm)):
-        raise ValueError(f"compute capability must be (major, minor) ints, got {sm!r}")
-    return (sm[0], sm[1])
-
-
-def supports(precision: str, sm: tuple[int, int]) -> bool:
-    """Whether a GPU of this compute capability runs `precision` (fp32 and fp16 run everywhere)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    g = gpu(sm)
-    return {"fp32": True, "fp16": True, "bf16": g.bf16, "fp8": g.fp8, "int8": g.int8}[precision]
-
-
-def resolve_precision(requested: str, sm: tuple[int, int]) -> str:
-    """The engine precision for a request on a GPU: `auto` or one of `runtime.spec.PRECISIONS`.
-
-    `auto` -> fp8 on SM >= 8.9, int8 on Orin-class SM 8.7, fp16 otherwise. An explicit precision
-    the GPU cannot run raises ValueError naming the SM, the GPU family and what to use instead.
-    """
-    if requested not in REQUESTS:
-        raise ValueError(f"unknown precision {requested!r}; valid: {', '.join(REQUESTS)}")
-    g = gpu(sm)
-    if requested == "auto":
-        if g.fp8:
-            return "fp8"
-        return "int8" if g.sm == (8, 7) else "fp16"
-    if not supports(requested, g.sm):
-        need = {"fp8": FP8_MIN_SM, "bf16": BF16_MIN_SM, "int8": INT8_MIN_SM}[requested]
-        instead = [p for p in _FALLBACKS[requested] if supports(p, g.sm)]
-        raise ValueError(
-            f"precision {requested!r} needs SM {need[0]}.{need[1]}+, but SM {g.sm[0]}.{g.sm[1]} is "
-            f"{g.name} ({g.family}), which has no {requested.upper()}; "
-            f"use {' or '.join(instead)} instead (auto picks {resolve_precision('auto', g.sm)})"
-        )
-    return requested
 
 
 def engine_file_name(

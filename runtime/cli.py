@@ -1,7 +1,8 @@
-"""`python -m runtime generate|answer`: the runtime from the command line.
+"""`python -m runtime generate|answer|doctor`: the runtime from the command line.
 
     python -m runtime generate "a red circle" --engines engines/tiny-fp32 --out out.png
     python -m runtime answer out.png "Describe the image." --engines engines/tiny-fp32
+    python -m runtime doctor --engines engines/tiny-fp32 [--json]
 
 User errors (`runtime.errors.UserError`: bad arguments, a missing or corrupt engine folder, an
 unreadable image, an output path that cannot be written) print one line and exit with status 2;
@@ -139,6 +140,17 @@ def cmd_answer(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    import json
+
+    from runtime.doctor import format_text, report
+    from runtime.probe import machine_facts
+
+    data = report(machine_facts(), args.engines)
+    print(json.dumps(data, indent=2) if args.json else format_text(data))
+    return 0 if data["ok"] else 1
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (`error: ...`), like every other user error."""
 
@@ -175,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=32)
     a.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
     a.set_defaults(func=cmd_answer)
+
+    d = sub.add_parser(
+        "doctor", help="what this machine runs, and whether an engine folder loads here"
+    )
+    d.add_argument("--engines", type=Path, help="engine folder to judge (default: none)")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=cmd_doctor)
     return parser
 
 

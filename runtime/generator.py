@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.compat import check_onnxruntime, environment_problems
 from runtime.errors import UserError
 from runtime.generation import GenerationJob, GenerationParams, draw_noise, flow_features
 from runtime.manifest import (
@@ -34,6 +35,7 @@ from runtime.manifest import (
     rebuild_hint,
     verify_file,
 )
+from runtime.probe import ort_facts
 from runtime.sessions import BACKENDS, open_session
 from runtime.spec import io_dtype
 from runtime.text import PromptEncoder
@@ -41,6 +43,21 @@ from runtime.understanding import answer_tokens
 
 log = logging.getLogger(__name__)
 NEGATIVE_FILE = "negative_features.npy"
+_WARNED: set[str] = set()
+
+
+def _check_backend(manifest: dict, backend: str, device: str) -> None:
+    """Fail in one line before any session opens: an unknown backend, no (or the wrong) ONNX
+    Runtime, a folder precision its device cannot run (the rules `runtime doctor` reports)."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        ort = ort_facts()
+        for problem in environment_problems(ort) if ort.version else ():
+            if problem not in _WARNED:  # two distributions: one of them wins, it may work
+                _WARNED.add(problem)
+                log.warning("%s", problem)
+        check_onnxruntime(manifest["precision"], device, ort)
 
 
 def _load_array(folder: Path, entry: dict, ndim: int, *, mmap: bool = False) -> np.ndarray:
@@ -70,8 +87,7 @@ class Generator:
         variant: str | None = None,
         session_options: dict | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        _check_backend(manifest, backend, device)
         if variant is not None and manifest["variant"] != variant:
             raise EngineFolderError(
                 f"{folder} holds a {manifest['variant']} engine folder, not {variant}; build "
@@ -122,6 +138,7 @@ class Generator:
         """
         folder = Path(path)
         manifest = read_manifest(folder)
+        _check_backend(manifest, backend, device)  # before hashing gigabytes
         if "host" not in manifest:
             raise EngineFolderError(f"{folder}: build did not finish; run {rebuild_hint(manifest)}")
         if verify:
@@ -151,8 +168,7 @@ class Generator:
                 if "engine" not in entry:
                     raise EngineFolderError(
                         f"{self.folder} has no TensorRT engine for {name}; build with: "
-                        f"python export/build_engines.py --variant {self.manifest['variant']} "
-                        "--backend tensorrt"
+                        f"{rebuild_hint(self.manifest, backend='tensorrt')}"
                     )
                 path = file_path(self.folder, entry["engine"])
             elif self.backend == "torch":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 from runtime.errors import UserError
@@ -25,14 +26,33 @@ class EngineFolderError(UserError):
     """An engine folder that is missing, corrupt or built for something else."""
 
 
-def rebuild_hint(manifest: dict | None) -> str:
+def rebuild_hint(
+    manifest: dict | None,
+    *,
+    precision: str | None = None,
+    backend: str | None = None,
+    out: str | Path | None = None,
+) -> str:
+    """The build command that remakes this folder (`precision`/`backend` override the
+    manifest's; `out` rebuilds in place). 4b/8b name the checkpoint they were built from (the
+    tiny one defaults to the shipped checkpoint); random-weight folders say so."""
     if not manifest:
         return "python export/build_engines.py --variant tiny"
-    cmd = f"python export/build_engines.py --variant {manifest.get('variant', 'tiny')}"
-    if manifest.get("precision"):
-        cmd += f" --precision {manifest['precision']}"
-    if manifest.get("backend") and manifest["backend"] != "onnxruntime":
-        cmd += f" --backend {manifest['backend']}"
+    variant = manifest.get("variant", "tiny")
+    cmd = f"python export/build_engines.py --variant {variant}"
+    checkpoint = manifest.get("checkpoint") or {}
+    seed = str(checkpoint.get("hash") or "").removeprefix("random-weights-seed-")
+    if seed.isdigit():
+        cmd += " --random-weights" + (f" --seed {seed}" if seed != "0" else "")
+    elif variant != "tiny" and checkpoint.get("path"):
+        cmd += f" --checkpoint {shlex.quote(str(checkpoint['path']))}"
+    if precision or manifest.get("precision"):
+        cmd += f" --precision {precision or manifest['precision']}"
+    backend = backend or manifest.get("backend")
+    if backend and backend != "onnxruntime":
+        cmd += f" --backend {backend}"
+    if out is not None:
+        cmd += f" --out {shlex.quote(str(out))}"
     return cmd + " --force"
 
 

@@ -42,10 +42,12 @@ def test_training_imports_neither_export_nor_runtime():
 
 
 def test_export_uses_only_runtime_plain_data():
-    # specs, graphs and manifest (and its schema) are the contract; the schedules are the ones
-    # the runtime feeds; errors is the one user-error type of both CLIs
+    # specs, graphs and manifest are the contract; the schedules are the ones the runtime feeds;
+    # errors, hardware (precision per GPU), probe (machine facts) and compat (install rules) are
+    # the plain-data decisions the exporter shares with `runtime doctor`
     allowed = {"runtime.spec", "runtime.graphs", "runtime.manifest", "runtime.schedule"}
-    allowed |= {"runtime.manifest_schema", "runtime.errors"}
+    allowed |= {"runtime.errors", "runtime.hardware", "runtime.probe", "runtime.compat"}
+    allowed |= {"runtime.manifest_schema"}  # the manifest's schema, with the manifest
     for path in sources("export"):
         for name in imports_of(path):
             if name.split(".")[0] == "runtime":

@@ -1,9 +1,19 @@
-"""python -m runtime: writes an image, prints an answer, and fails with one line on bad input."""
+"""python -m runtime: writes an image, prints an answer, fails with one line on bad input, and
+`doctor` judges a folder; the console scripts of pyproject.toml run the same mains."""
 
+import importlib
+import json
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from PIL import Image
+
+from runtime.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd):
@@ -75,3 +85,64 @@ def test_user_errors_exit_2_with_one_line(tiny_engine_dir, tmp_path):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
         assert "Traceback" not in out.stderr
+
+
+def console_scripts() -> dict:
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def entry_point(target: str):
+    module, _, func = target.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def test_console_scripts_run_the_documented_mains(capsys):
+    scripts = console_scripts()
+    assert set(scripts) == {"blip3o", "blip3o-build"}
+    blip3o = entry_point(scripts["blip3o"])
+    assert blip3o(["doctor", "--json"]) in (0, 1)  # 1 when this machine lacks something
+    data = json.loads(capsys.readouterr().out)
+    assert data["machine"]["python"] == platform.python_version()
+    assert data["precision_auto"]["onnxruntime"]["precision"] == "fp32"
+    build = entry_point(scripts["blip3o-build"])
+    with pytest.raises(SystemExit) as exit_:
+        build(["--help"])
+    assert exit_.value.code == 0 and "--precision" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        blip3o(["generate", "a", "--backend", "coreml"])
+    assert exit_.value.code == 2  # argparse: a one-line usage error
+
+
+def test_installed_console_script_when_present(tmp_path):
+    script = Path(sys.executable).with_name("blip3o")
+    if not script.exists():
+        pytest.skip("blip3o-edge's scripts are not installed in this venv")
+    out = subprocess.run([str(script), "doctor"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode in (0, 1) and "export --precision auto" in out.stdout, out.stderr
+
+
+def test_doctor_judges_a_built_folder(tiny_engine_dir, tmp_path):
+    out = run("doctor", "--engines", str(tiny_engine_dir), "--json", cwd=tmp_path)
+    engines = json.loads(out.stdout)["engines"]
+    assert engines["loads"] and engines["use"] == {"backend": "onnxruntime", "device": "cpu"}
+    assert out.returncode == 0, out.stdout
+    text = run("doctor", "--engines", str(tmp_path / "missing"), cwd=tmp_path)
+    assert text.returncode == 1 and "WILL NOT LOAD" in text.stdout
+
+
+def test_without_onnxruntime_generate_fails_in_one_line_naming_the_extras(
+    tiny_engine_dir, monkeypatch, capsys
+):
+    from runtime import cli, probe
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, as when absent
+    monkeypatch.setattr(probe, "_version", lambda dist: None)  # and no distribution installed
+    assert cli.main(["generate", "a", "--engines", str(tiny_engine_dir), "-q"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no onnxruntime is installed" in lines[0]
+    assert "blip3o-edge[cpu]" in lines[0] and "blip3o-edge[gpu]" in lines[0]
+    monkeypatch.delitem(sys.modules, "runtime.sessions.onnxruntime", raising=False)
+    with pytest.raises(UserError, match=r"needs ONNX Runtime.*blip3o-edge\[cpu\]"):
+        importlib.import_module("runtime.sessions.onnxruntime")
+    assert importlib.import_module("runtime.doctor")  # doctor itself needs no onnxruntime

@@ -278,15 +278,18 @@ def test_build_without_tensorrt_names_the_extra(specs, onnx_files, tmp_path):
 
 def test_compute_capability_from_nvidia_smi(tmp_path, monkeypatch):
     from export import trt_build
+    from runtime import probe
 
-    assert trt_build.parse_compute_cap("8.7\n9.0\n") == (8, 7)
-    assert trt_build.parse_compute_cap("[N/A]") is None
-    assert trt_build.parse_compute_cap("") is None
+    assert probe.parse_compute_cap("8.7") == (8, 7)
+    assert probe.parse_compute_cap("[N/A]") is None
+    assert probe.parse_compute_cap("") is None
     smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 8.9\n")
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA L4, 8.9, 22000, 23034, 550.54.15'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without torch
+    monkeypatch.setattr(probe, "_libcuda", lambda: None)  # as on a machine without a driver
     assert trt_build.compute_capability() == (8, 9)
+    assert trt_build.compute_capability(1) is None  # one GPU only
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert trt_build.compute_capability() is None

@@ -12,32 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
+from runtime.compat import DEVICE_PROVIDERS, INSTALL_ORT
 from runtime.errors import UserError
 from runtime.manifest import EngineFolderError
 from runtime.spec import GraphSpec, check_feeds
 
-log = logging.getLogger(__name__)
+try:
+    import onnxruntime as ort
+except ImportError as err:  # the base install has no ONNX Runtime: the user picks one
+    raise UserError(f"the onnxruntime backend needs ONNX Runtime ({err}); {INSTALL_ORT}") from err
 
-_GPU_PROVIDERS = {
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+log = logging.getLogger(__name__)
 
 
 def providers_for(device: str) -> list[str]:
     """Execution providers for a device name: cpu, cuda or tensorrt (ORT's TensorRT EP)."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device not in _GPU_PROVIDERS:
-        raise UserError(f"unknown device {device!r}; valid: cpu, cuda, tensorrt")
-    wanted = _GPU_PROVIDERS[device]
+    if device not in DEVICE_PROVIDERS:
+        raise UserError(f"unknown device {device!r}; valid: {', '.join(DEVICE_PROVIDERS)}")
+    wanted = DEVICE_PROVIDERS[device]
     available = ort.get_available_providers()
     if wanted[0] not in available:
         raise UserError(
             f"device {device!r} needs onnxruntime's {wanted[0]}, which this install lacks "
-            f"(available: {available}); install onnxruntime-gpu or use device='cpu'"
+            f"(available: {available}); uninstall it and pip install 'blip3o-edge[gpu]', or use "
+            "device='cpu'"
         )
     return [p for p in wanted if p in available]
 
