@@ -240,11 +240,16 @@ def test_rebuild_hint_names_the_weights_and_the_folder(tmp_path):
     assert "--checkpoint" not in rebuild_hint(tiny)  # tiny defaults to the shipped checkpoint
 
 
-def test_generator_asks_the_same_rules_before_opening(tmp_path, monkeypatch):
+def test_generator_asks_the_same_rules_before_opening(tmp_path, tiny_engine_dir):
+    import shutil
+
     from runtime.errors import UserError
     from runtime.generator import Generator
 
-    path = folder(tmp_path, "bf16")
+    path = tmp_path / "tiny-bf16"  # a real folder whose manifest says bf16
+    shutil.copytree(tiny_engine_dir, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "precision": "bf16"}))
     with pytest.raises(UserError, match="bf16 graphs do not run on ONNX Runtime's CPU"):
         Generator.from_dir(path, verify=False)
     with pytest.raises(UserError, match=r"unknown device 'npu'; valid: cpu, cuda, tensorrt"):
