@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("--engines", type=Path, default=DEFAULT_ENGINES, help="engine folder")
     common.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
-    common.add_argument("--device", default="cpu", help="cpu, cuda or tensorrt (ORT's EP)")
+    common.add_argument(
+        "--device",
+        help="cpu, cuda or tensorrt (ORT's EP); default: cuda for --backend tensorrt, else cpu",
+    )
     common.add_argument("--low-memory", action="store_true", help="one stage's sessions at a time")
     common.add_argument("--timings", action="store_true", help="print per-stage times")
     common.add_argument("--threads", type=int, help="intra-op threads per ONNX Runtime session")

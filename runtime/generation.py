@@ -88,6 +88,7 @@ class GenerationJob:
         self.stage = "prefill"
         self._images: list[Image.Image] | None = None
         self._work = self._run()
+        gen._jobs.add(self)
 
     @property
     def done(self) -> bool:
@@ -95,11 +96,18 @@ class GenerationJob:
 
     def step(self) -> str:
         """Run the next unit of work; returns the stage it belonged to."""
-        if self.done:
-            raise RuntimeError("this generation is finished; call result()")
-        stage = next(self._work)
-        self.done_steps += 1
-        return stage
+        with self.gen._lock:  # one session call at a time per Generator, jobs interleaved
+            if self.done:
+                raise RuntimeError("this generation is finished; call result()")
+            try:
+                stage = next(self._work)
+            except BaseException:
+                self.gen._job_finished(self)  # a failed job holds no session open
+                raise
+            self.done_steps += 1
+            if self.done:
+                self.gen._job_finished(self)
+            return stage
 
     def result(self) -> list[Image.Image]:
         while not self.done:

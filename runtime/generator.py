@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from runtime.manifest import (
 )
 from runtime.probe import ort_facts
 from runtime.sessions import BACKENDS, open_session
-from runtime.spec import io_dtype
+from runtime.spec import numpy_dtype
 from runtime.text import PromptEncoder
 from runtime.understanding import answer_tokens
 
@@ -58,6 +59,22 @@ def _check_backend(manifest: dict, backend: str, device: str) -> None:
                 _WARNED.add(problem)
                 log.warning("%s", problem)
         check_onnxruntime(manifest["precision"], device, ort)
+
+
+def default_device(backend: str) -> str:
+    """The device a backend runs on unless told otherwise: TensorRT on the GPU, others on CPU."""
+    return "cuda" if backend == "tensorrt" else "cpu"
+
+
+def host_io_dtype(precision: str) -> np.dtype:
+    """The numpy dtype of a folder's float feeds (bf16 needs `ml_dtypes`, as numpy has none)."""
+    try:
+        return numpy_dtype("float", precision)
+    except ImportError as err:
+        raise UserError(
+            f"{precision} engine folders need ml_dtypes for their bfloat16 feeds: "
+            "pip install ml_dtypes"
+        ) from err
 
 
 def _load_array(folder: Path, entry: dict, ndim: int, *, mmap: bool = False) -> np.ndarray:
@@ -97,7 +114,7 @@ class Generator:
         self.backend, self.device, self.low_memory = backend, device, low_memory
         self.config = manifest["config"]
         self.precision = manifest["precision"]
-        self.io_dtype = np.dtype(io_dtype(self.precision)) if self.precision != "bf16" else None
+        self.io_dtype = host_io_dtype(self.precision)
         self.prompts = PromptEncoder.from_folder(folder, manifest)
         host = manifest["host"]
         self.embeddings = _load_array(folder, host["embeddings"], 2, mmap=True)  # (V, H)
@@ -117,6 +134,7 @@ class Generator:
         self._sessions: dict = {}
         self._negative: np.ndarray | None = None
         self._lock = threading.RLock()
+        self._jobs: weakref.WeakSet[GenerationJob] = weakref.WeakSet()  # started, not finished
 
     @classmethod
     def from_dir(
@@ -124,7 +142,7 @@ class Generator:
         path: str | Path,
         *,
         backend: str = "onnxruntime",
-        device: str = "cpu",
+        device: str | None = None,
         low_memory: bool = False,
         variant: str | None = None,
         verify: bool = True,
@@ -137,6 +155,7 @@ class Generator:
         `session_options` go to every session (e.g. `{"threads": 1}` for ONNX Runtime).
         """
         folder = Path(path)
+        device = default_device(backend) if device is None else device
         manifest = read_manifest(folder)
         _check_backend(manifest, backend, device)  # before hashing gigabytes
         if "host" not in manifest:
@@ -186,9 +205,15 @@ class Generator:
         return self._sessions[name]
 
     def release(self, name: str) -> None:
-        """In low-memory mode, close a stage's session once the stage is over."""
-        if self.low_memory and name in self._sessions:
+        """In low-memory mode, close a stage's session once the stage is over, unless another
+        open job may still be in that stage (jobs hold their stage's session across steps)."""
+        if self.low_memory and name in self._sessions and len(self._jobs) <= 1:
             self._sessions.pop(name).close()
+
+    def _job_finished(self, job: GenerationJob) -> None:
+        self._jobs.discard(job)
+        if self.low_memory and not self._jobs:
+            self.close()  # sessions kept open for overlapping jobs go once the last one ends
 
     def close(self) -> None:
         for s in self._sessions.values():

@@ -169,3 +169,59 @@ def test_fp16_engine_folder_matches_fp32(tmp_path_factory, gen):
         a = np.asarray(half.generate("a red circle", seed=5, **FAST)[0]).astype(int)
     b = np.asarray(gen.generate("a red circle", seed=5, **FAST)[0]).astype(int)
     assert np.abs(a - b).max() <= 3
+
+
+def _params(i):  # different step counts, so one job leaves a stage while another is in it
+    return dict(seed=i, steps=2 + 2 * i, decoder_steps=3 + i)
+
+
+def _interleaved(g, prompts):
+    jobs = [g.start(p, **_params(i)) for i, p in enumerate(prompts)]
+    while not all(j.done for j in jobs):
+        for j in jobs:
+            if not j.done:
+                j.step()
+    return [np.asarray(j.result()[0]) for j in jobs]
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_interleaved_jobs_equal_jobs_run_alone(gen, tiny_engine_dir, low_memory):
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    alone = [np.asarray(gen.generate(p, **_params(i))[0]) for i, p in enumerate(prompts)]
+    with Generator.from_dir(tiny_engine_dir, low_memory=low_memory) as g:
+        mixed = _interleaved(g, prompts)
+        if low_memory:  # the last job to finish closed what overlapping jobs kept open
+            assert g._sessions == {}
+    for a, b in zip(alone, mixed):
+        assert np.array_equal(a, b)
+
+
+def test_jobs_stepped_from_threads_are_serialized(gen):
+    import threading
+
+    prompts = ["a red circle", "two blue squares"]
+    alone = [np.asarray(gen.generate(p, seed=i, **FAST)[0]) for i, p in enumerate(prompts)]
+    results = {}
+
+    def run(i, p):
+        job = gen.start(p, seed=i, **FAST)
+        while not job.done:
+            job.step()
+        results[i] = np.asarray(job.result()[0])
+
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(alone[i], results[i]) for i in range(2))
+
+
+def test_device_follows_the_backend_and_bf16_feeds_are_bfloat16():
+    import ml_dtypes
+
+    from runtime.generator import default_device, host_io_dtype
+
+    assert default_device("tensorrt") == "cuda" and default_device("onnxruntime") == "cpu"
+    assert host_io_dtype("bf16") == np.dtype(ml_dtypes.bfloat16)  # was astype(None): float64
+    assert host_io_dtype("fp16") == np.float16 and host_io_dtype("int8") == np.float32

@@ -329,5 +329,5 @@ def test_from_dir_verifies_the_engines_the_backend_loads(folder_copy):
 
     rewrite(folder_copy, edit)
     with pytest.raises(EngineFolderError, match="dit_step.plan does not match the sha256"):
-        Generator.from_dir(folder_copy, backend="tensorrt", device="cuda")
+        Generator.from_dir(folder_copy, backend="tensorrt")  # device: cuda by default
     Generator.from_dir(folder_copy).close()  # ONNX Runtime loads the ONNX files, which are intact
