@@ -115,7 +115,7 @@ def load_manifest(folder: str | Path) -> dict:
             f"{path}: manifest format {version} is newer than this runtime reads (format "
             f"{FORMAT_VERSION}); it needs {needs}: upgrade, or rebuild with this version: {hint}"
         )
-    if version not in SCHEMAS:
+    if type(version) is not int or version not in SCHEMAS:
         raise EngineFolderError(
             f"{path}: manifest format {version!r}, this runtime reads format {FORMAT_VERSION}; "
             f"rebuild with: {hint}"

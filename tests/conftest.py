@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -33,13 +35,20 @@ def tiny_pipeline(tiny_config, tiny_tokenizer):
     return ReferencePipeline(BLIP3o(tiny_config), Decoder(tiny_config.decoder), tiny_tokenizer)
 
 
+# The build is content-keyed (checkpoint, exporter source, tool versions), so a folder kept
+# between test runs is rebuilt exactly when something it depends on changed: the inner loop
+# (`pytest -m "not slow"`) pays the ~90 s export once, not every run.
+TEST_ENGINES = Path(__file__).resolve().parents[1] / "engines" / ".test-cache"
+
+
 @pytest.fixture(scope="session")
-def tiny_engine_dir(tmp_path_factory):
-    """A tiny fp32 engine folder built once per test session, from the shipped trained checkpoint
-    (checkpoints/tiny) when the repository has one, else from seeded random weights."""
+def tiny_engine_dir():
+    """A tiny fp32 engine folder from the shipped trained checkpoint (checkpoints/tiny), built
+    by the real exporter into engines/.test-cache/ (up to date: nothing to do). Tests that
+    change a folder work on a copy."""
     from export.plan import BuildRequest, build
 
-    out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
+    out = TEST_ENGINES / "tiny-fp32"
     return build(BuildRequest(variant="tiny", out=out, graphs=RUNTIME_GRAPHS, progress=False))
 
 

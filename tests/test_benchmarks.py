@@ -129,6 +129,7 @@ def test_fp8_linear_is_close_to_the_linear():
         assert torch.equal(fp8(x[:3]), lin(x[:3]))  # rows not a multiple of 16: plain path
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_json(tmp_path):
     proc = run_script("benchmarks/gpu_check.py", "--dry-run", env={"OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,6 +149,7 @@ def test_gpu_check_dry_run_writes_json(tmp_path):
 
 
 # latency ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_latency_quick_writes_json_table_and_chart(tiny_engine_dir, tmp_path):
     proc = run_script("benchmarks/latency.py", "--engines", str(tiny_engine_dir), "--reference",
                       "--quick", "--threads", "1", "--out", str(tmp_path))  # fmt: skip
@@ -200,6 +202,7 @@ def test_latency_names_the_build_command_for_a_missing_folder(tmp_path):
         latency.main(["--engines", str(tmp_path / "tiny-int8")])
 
 
+@pytest.mark.slow
 def test_quality_through_the_runtime(tiny_engine_dir, tmp_path, capsys):
     from benchmarks import quality
 

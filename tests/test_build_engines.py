@@ -86,6 +86,9 @@ def test_bad_requests(kwargs, match, tmp_path):
         build(BuildRequest(out=tmp_path / "x", dry_run=True, **kwargs))
 
 
+pytestmark = pytest.mark.slow  # builds engine folders
+
+
 def test_fp8_on_a_gpu_without_fp8(monkeypatch, tmp_path):
     import export.trt_build as trt_build
 
@@ -147,11 +150,18 @@ def test_check_command(tiny_engine_dir, tmp_path, capsys):
 
 
 def test_partial_leftovers_are_cleaned(tmp_path):
+    import subprocess
+    import sys
+
     from export.stages import remove_partials
 
-    (tmp_path / ".partial-123-export-dit").mkdir()
-    (tmp_path / ".partial-123-export-dit" / "dit.fp32.onnx").write_bytes(b"x")
-    (tmp_path / "manifest.json.tmp-9").write_text("{")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(gone.stdout)  # the writer of these leftovers has exited
+    (tmp_path / f".partial-{dead}-export-dit").mkdir()
+    (tmp_path / f".partial-{dead}-export-dit" / "dit.fp32.onnx").write_bytes(b"x")
+    (tmp_path / f"manifest.json.tmp-{dead}").write_text("{")
     (tmp_path / "keep.onnx").write_bytes(b"y")
     removed = remove_partials(tmp_path)
     assert len(removed) == 2 and os.listdir(tmp_path) == ["keep.onnx"]

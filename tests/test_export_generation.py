@@ -19,6 +19,8 @@ from runtime.spec import check_feeds, sample_inputs
 from training import flow
 from training.config import from_preset
 
+pytestmark = pytest.mark.slow  # exports graphs
+
 GRAPHS = ("dit", "dit_step", "unet", "unet_step", "vae_decoder")
 TOL = dict(atol=1e-4, rtol=1e-4)
 

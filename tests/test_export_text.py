@@ -35,6 +35,8 @@ from runtime.spec import check_feeds
 from training.config import from_preset
 from training.model.blip3o import BLIP3o
 
+pytestmark = pytest.mark.slow  # exports graphs
+
 ATOL = 1e-4  # fp32 ORT vs PyTorch: hidden states, logits, K/V
 FP16_COSINE = 0.999  # fp16 graph vs fp32 PyTorch
 

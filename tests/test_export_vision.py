@@ -33,6 +33,8 @@ from runtime.spec import check_feeds
 from runtime.vision_feeds import vision_feeds
 from runtime.vision_grid import block_diagonal_mask, cu_seqlens, window_index
 
+pytestmark = pytest.mark.slow  # exports graphs
+
 IMAGES = {"64x64": [(64, 64)], "48x80": [(48, 80)], "128x96": [(128, 96)]}
 IMAGES["two_images"] = IMAGES["48x80"] + IMAGES["128x96"]  # 240 + 768 patches of 4 px
 # random pixels: 96 patches in 2 frames; 64 patches = the profile minimum (32x32 px at patch 4)

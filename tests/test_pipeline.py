@@ -7,6 +7,7 @@ from PIL import Image
 FAST = dict(steps=3, decoder_steps=3)
 
 
+@pytest.mark.slow
 def test_generate_is_deterministic_for_a_seed(tiny_pipeline):
     a = np.asarray(tiny_pipeline.generate("a red circle", seed=3, **FAST))
     b = np.asarray(tiny_pipeline.generate("a red circle", seed=3, **FAST))

@@ -176,6 +176,9 @@ def test_excluded_nodes_have_no_qdq_inputs(world, quantized, graph, precision, m
     )
 
 
+pytestmark = pytest.mark.slow  # quantizes graphs
+
+
 # ---------------------------------------------------------------------------------------------
 # quantized graphs
 # ---------------------------------------------------------------------------------------------

@@ -155,6 +155,7 @@ def test_generation_imports_no_torch(tiny_engine_dir):
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
+@pytest.mark.slow
 def test_fp16_engine_folder_matches_fp32(tmp_path_factory, gen):
     """fp16 graphs (norms, RoPE and time embeddings kept in fp32) run in ORT CPU end to end.
 

@@ -232,6 +232,7 @@ def tiny_folder(tmp_path_factory):
     return build(BuildRequest(variant="tiny", out=out, graphs=graphs, progress=False))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", ["dit_step", "vae_decoder"])
 def test_torch_session_matches_onnxruntime(tiny_folder, graph):
     from runtime.manifest import graph_spec, load_manifest

@@ -18,6 +18,8 @@ from training.train.recipe import parse_stages, train
 from training.train.stages import DEFAULTS, STAGES
 from training.train.state import ResumeError
 
+pytestmark = pytest.mark.slow  # trains
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
