@@ -16,6 +16,7 @@ def test_generate_is_deterministic_for_a_seed(tiny_pipeline):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+@pytest.mark.slow
 def test_num_images_gives_distinct_images(tiny_pipeline):
     images = tiny_pipeline.generate("two blue squares", seed=0, num_images=2, **FAST)
     assert len(images) == 2 and all(isinstance(i, Image.Image) for i in images)

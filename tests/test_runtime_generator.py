@@ -22,6 +22,7 @@ def gen(tiny_engine_dir):
         yield g
 
 
+@pytest.mark.slow
 def test_generate_matches_reference_pipeline(gen, tiny_reference):
     """Same seed, same weights: the runtime's image equals the reference's.
 

@@ -256,6 +256,7 @@ def test_torch_session_matches_onnxruntime(tiny_folder, graph):
     ort.close()
 
 
+@pytest.mark.slow
 def test_open_session_torch_shares_the_pipeline_and_keeps_outputs_on_device(tiny_folder):
     import torch
 
