@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -152,6 +153,35 @@ def write_slow_tokenizer(tokenizer, folder: Path, *, with_json: bool = False) ->
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if with_json:
         tokenizer.save(str(folder / TOKENIZER_FILE))
+
+
+# Qwen2.5's added tokens from id 151643 on, then BLIP3-o's three (vocabulary 151668).
+QWEN_ADDED_TOKENS = (
+    *("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>"),
+    *("<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"),
+    *("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"),
+    *("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"),
+    *("<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "[IMG]", "[/IMG]", "<image>"),
+)
+
+
+def qwen_shaped_tokenizer(tokenizer, vocab_size: int = 151668):
+    """A stand-in for Qwen2.5's tokenizer at real-width checkpoints: the tiny tokenizer's merges
+    in a base vocabulary padded to Qwen's 151,643 entries, then Qwen's and BLIP3-o's added
+    tokens at their published ids (`<|im_end|>` 151645, `[IMG]` 151665, ...)."""
+    from tokenizers import AddedToken
+    from tokenizers.models import BPE
+    from transformers import Qwen2Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = BPE.read_file(*tokenizer.model.save(tmp))
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    base = vocab_size - len(QWEN_ADDED_TOKENS)
+    vocab = {(f"<|tiny_{i}|>" if t in specials else t): i for t, i in vocab.items()}
+    vocab |= {f"<|filler_{i}|>": i for i in range(len(vocab), base)}
+    out = Qwen2Tokenizer(vocab=vocab, merges=merges).backend_tokenizer
+    out.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_ADDED_TOKENS])
+    return out
 
 
 def write_published(
