@@ -134,16 +134,22 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
 
 
 def output_folder(request: BuildRequest, precision: str, label: str | None = None) -> Path:
-    folder = request.out or REPO / "engines" / f"{label or request.variant}-{precision}"
+    """`engines/<variant>[-L<layers>]-<precision>[-<backend>]` unless `--out`; the backend is
+    left out for onnxruntime, so folders of different backends never share a name."""
+    label = label or request.variant
+    backend = "" if request.backend == "onnxruntime" else f"-{request.backend}"
+    folder = request.out or REPO / "engines" / f"{label}-{precision}{backend}"
     if (folder / "manifest.json").exists():
         try:
             old = load_manifest(folder)
         except EngineFolderError:
             old = None
-        if old and (old["variant"], old["precision"]) != (request.variant, precision):
+        new = (request.variant, precision, request.backend)
+        if old and (old["variant"], old["precision"], old.get("backend")) != new:
             raise BuildError(
-                f"{folder} holds a {old['variant']}-{old['precision']} engine folder; "
-                f"choose another --out for {request.variant}-{precision}"
+                f"{folder} holds a {old['variant']}-{old['precision']} engine folder for "
+                f"{old.get('backend')}; choose another --out for "
+                f"{request.variant}-{precision} ({request.backend})"
             )
     return folder
 

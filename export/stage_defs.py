@@ -46,7 +46,7 @@ def assets_stage(source, precision: str) -> Stage:
     key = {
         "checkpoint": source.hash,
         "precision": precision,
-        "code": exporter_source_hash(),
+        "code": exporter_source_hash("assets"),
     }
     return Stage("assets", key, run)
 
@@ -68,7 +68,7 @@ def export_stage(name: str, spec, source, precision: str, versions: dict) -> Sta
         "spec": spec_to_dict(spec),
         "tools": {k: versions[k] for k in ("torch", "transformers", "diffusers", "onnxscript")},
         "opset": OPSET,
-        "code": exporter_source_hash(),
+        "code": exporter_source_hash("export"),
     }
     return Stage(f"export:{name}", key, run, info={"onnx": file})
 
@@ -197,15 +197,16 @@ class StageFactory:
         key = {
             "source": src["files"],
             "precision": self.precision,
+            "high_precision": self.high_precision(),
             "calibration": self._calibration_key(),
             "tools": {k: self.versions[k] for k in ("nvidia-modelopt", "onnxruntime", "onnx")},
-            "code": exporter_source_hash(),
+            "code": exporter_source_hash("quantize"),
         }
         return Stage(f"quantize:{name}", key, run, info={"onnx": file})
 
     def engine_stage(self, name: str, engine: EngineFolder) -> Stage:
         from export.trt_build import build_engine
-        from export.trt_plan import plan_engines
+        from export.trt_plan import plan_engines, timing_cache_name
 
         onnx_stage = self._onnx_stage(name, engine)
         onnx_file = onnx_stage["onnx"]
@@ -218,7 +219,7 @@ class StageFactory:
             trt_version=self.trt,
             graphs=[name],
         )
-        cache = engine.folder / "timing.cache"
+        cache = engine.folder / timing_cache_name(self.trt, self.sm)
 
         def run(tmp: Path) -> None:
             build_engine(
