@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.source import ModelSource, calibration_device
+from export.source import GRAPH_COMPONENT, ModelSource, calibration_device
 from export.stages import REPO, EngineFolder, remove_partials, tool_versions
 from runtime.errors import UserError
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
@@ -209,10 +209,12 @@ def build(request: BuildRequest) -> Path:
         log.warning("removed %s left by an interrupted build", leftover.name)
     log.info("building %s-%s in %s from %s", request.variant, precision, folder, source.label)
     bar = _progress(request.progress, total=len(factory.stage_names(names)))
+    source.prepare("host")
     _run_stage(engine, factory.assets())
     bar.update(1)
     for name in names:
         bar.set_description(name)
+        source.prepare(GRAPH_COMPONENT[name])
         for stage in factory.graph_stages(name, engine):
             _run_stage(engine, stage)
             bar.update(1)
@@ -273,7 +275,6 @@ def _start_manifest(folder, request, precision, source, sm, trt, versions) -> di
 
 def _print_plan(engine, factory, names, folder, source) -> None:
     from export import resources
-    from export.source import GRAPH_COMPONENT
 
     stage_names = factory.stage_names(names)
     params = resources.count_params(source.config)

@@ -9,12 +9,15 @@ measured at reduced depth (README, "Building 4B/8B on a GPU"). Everything except
 and the RSS meter is plain arithmetic on plain data, unit-tested.
 
 While a build runs, `peak_rss` measures each stage's own peak resident memory (Linux: the
-process's high-water mark, reset before the stage through `/proc/self/clear_refs`).
+process's high-water mark, reset before the stage through `/proc/self/clear_refs`, after the
+heap earlier stages freed is handed back with `malloc_trim`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import logging
 import math
 import resource
@@ -29,14 +32,23 @@ log = logging.getLogger(__name__)
 
 GB = 1 << 30
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
-# Resident memory of the build process before any weight is loaded (Python, torch, onnx, ORT).
-BASE_BYTES = int(0.8 * GB)
-# Peak of an export over its component's loaded weights: torch.export + the ONNX program, which
-# holds a second copy of the initializers while it serializes (measured at 4b widths, 1 layer).
-EXPORT_COPIES = 1.5
+# Resident memory of the build process before any weight is loaded (Python, torch, onnx, ORT,
+# the exporter's machinery): measured 1.0 GB (4b widths at 1 layer, benchmarks/reduced_depth.py).
+BASE_BYTES = int(1.0 * GB)
+# Peak of an export over its component's loaded weights, per byte of the ONNX it writes: the
+# exporter wraps the torch weights without copying them (measured 0.2-0.3 at 4b widths: UNet,
+# DiT, VAE, vision tower) ...
+EXPORT_COPIES = 0.3
+# ... plus, for the text graphs, copies of the vocabulary-sized LM head (151,668 x H) while its
+# matmul is folded and serialized (measured 3.1 for prefill and decode at 4b widths, 1 layer).
+HEAD_COPIES = 3.0
+TEXT_GRAPHS = ("prefill", "decode")
 # Peak of a quantization over the fp32 graph: the loaded graph, ModelOpt's Q/DQ copy and ORT's
-# calibration session (measured on tiny; on paper at 4b).
+# calibration session (on paper: not measured at real widths).
 QUANTIZE_COPIES = 4.0
+# Peak of calibration over its largest phase's component in fp32 (the component, the bf16 file
+# pages read to load it, activations): measured 1.5 at 4b widths, 1 layer (text phase, CPU).
+CALIBRATION_COPIES = 1.5
 # Peak of a TensorRT build over the ONNX size: parser weights + builder copy (on paper).
 ENGINE_COPIES = 2.0
 _STAGE_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "fp32", "fp8": "fp32"}
@@ -49,6 +61,7 @@ class ParamCounts:
     components: dict[str, int]  # export.source.COMPONENTS name -> parameters it loads
     graphs: dict[str, int]  # graph -> parameters its ONNX holds
     host: int  # token embedding table + latent queries
+    head: int = 0  # the LM head (vocabulary x hidden), inside prefill and decode
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,8 @@ class CalibrationCost:
     device: str
     feed_bytes: int  # recorded feeds held in host memory
     peak_component_bytes: int  # the largest phase's component, fp32
+    host_staging_bytes: int  # what passes through host memory: on cuda only the UNet (diffusers
+    # loads it on the host first; the backbone and DiT stream to the GPU tensor by tensor)
 
     @property
     def prefills(self) -> int:
@@ -128,8 +143,10 @@ def calibration_cost(
     runs_unet = bool({"unet", "unet_step", "vae_decoder"} & set(graphs))
     phases = ("text", "dit", "unet") if runs_unet else ("text", "dit")
     largest = max(params.components[c] for c in phases) * BYTES["fp32"]
+    unet = params.components["unet"] * BYTES["fp32"] if runs_unet else 0
+    staging = largest if device == "cpu" else unet
     return CalibrationCost(
-        prompts, held_out, *steps, negative_steps, runs_unet, device, feeds, largest
+        prompts, held_out, *steps, negative_steps, runs_unet, device, feeds, largest, staging
     )
 
 
@@ -156,6 +173,8 @@ def stage_costs(
             loaded = params.components[comp] * BYTES[onnx]
             size = params.graphs[graph] * BYTES[onnx]
             peak = BASE_BYTES + loaded + int(EXPORT_COPIES * size)
+            if graph in TEXT_GRAPHS:
+                peak += int(HEAD_COPIES * params.head * BYTES[onnx])
             out.append(StageCost(name, f"{comp} {onnx}", peak, size))
         elif kind == "quantize":
             source = params.graphs[graph] * BYTES["fp32"]
@@ -163,7 +182,7 @@ def stage_costs(
             loads = "-"
             if calibration is not None and not calibrated:  # calibration runs in the first one
                 calibrated = True
-                staging = calibration.peak_component_bytes  # loaded on the host, then moved
+                staging = int(CALIBRATION_COPIES * calibration.host_staging_bytes)
                 peak = max(peak, BASE_BYTES + staging) + 2 * calibration.feed_bytes
                 loads = f"calibration ({calibration.device})"
             elif calibration is not None:
@@ -209,7 +228,7 @@ def count_params(cfg) -> ParamCounts:
         **{"unet": decoder["unet"], "unet_step": decoder["unet"], "vae_decoder": vae_decoder},
     }
     host = under("qwen.model.language_model.embed_tokens.", "latent_queries")
-    return ParamCounts(components, graphs, host)
+    return ParamCounts(components, graphs, host, names[LM_HEAD])
 
 
 def _numel(params) -> int:
@@ -241,15 +260,27 @@ def _high_water_mark() -> int | None:
     return None
 
 
+def _trim_heap() -> None:
+    """Return freed heap to the OS (glibc `malloc_trim`), where there is such a call."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def peak_rss(stage: str) -> Iterator[dict]:
     """Measure a block's time and peak resident memory; the yielded dict gets `peak_bytes`,
     `scope` and `seconds` after it (and the log record carries them as attributes).
 
-    Resets the kernel's high-water mark first (Linux `clear_refs` 5); where that is not
-    possible, reports the process's peak so far (`ru_maxrss`), labelled as such.
+    Resets the kernel's high-water mark first (Linux `clear_refs` 5), which also resets what
+    `getrusage` and `time -v` report for the process afterwards: measure a whole build from
+    outside by sampling, or read these per-stage figures. Where the reset is not possible,
+    reports the process's peak so far (`ru_maxrss`), labelled as such.
     """
     result: dict = {}
+    gc.collect()
+    _trim_heap()  # what earlier stages freed is returned, not counted as this stage's
     try:
         _CLEAR_REFS.write_text("5")
         scope = "stage"

@@ -148,6 +148,12 @@ class ModelSource:
     def for_graph(self, graph: str, dtype: str) -> Parts:
         return self.load(GRAPH_COMPONENT[graph], dtype=dtype)
 
+    def prepare(self, component: str) -> None:
+        """Free the loaded component unless it is `component` (call before the stages that
+        need it, so the next load never overlaps the previous one)."""
+        if self._loaded is not None and self._loaded[0][0] != component:
+            self.release()
+
     def release(self) -> None:
         """Drop the loaded component (its memory is freed once no stage holds it)."""
         self._loaded = None

@@ -18,6 +18,7 @@ PARAMS = r.ParamCounts(
     graphs={"vision": 10, "prefill": 300, "decode": 300, "dit": 50, "dit_step": 50, "unet": 80,
             "unet_step": 80, "vae_decoder": 12},
     host=100,
+    head=90,
 )  # fmt: skip
 
 
@@ -34,7 +35,9 @@ def test_export_loads_one_component_in_the_onnx_precision():
         r.stage_costs(stages, PARAMS, precision="fp16", graph_components=GRAPH_COMPONENT)
     )
     assert fp32["export:prefill"].loads == "lm fp32" and fp16["export:dit_step"].loads == "dit fp16"
-    assert fp32["export:prefill"].peak_bytes == r.BASE_BYTES + 300 * 4 + int(1.5 * 300 * 4)
+    head = int(r.HEAD_COPIES * 90 * 4)  # the text graphs' vocabulary-sized head
+    assert fp32["export:prefill"].peak_bytes == r.BASE_BYTES + 300 * 4 + int(0.3 * 300 * 4) + head
+    assert fp32["export:dit_step"].peak_bytes == r.BASE_BYTES + 50 * 4 + int(0.3 * 50 * 4)
     assert fp32["export:prefill"].disk_bytes == 1200 and fp16["export:prefill"].disk_bytes == 600
     assert fp16["assets"].disk_bytes == 200 and fp32["assets"].disk_bytes == 400
     int8 = _by_stage(
@@ -57,6 +60,10 @@ def test_quantize_and_engine_costs_and_calibration_once():
     assert costs["quantize:unet_step"].peak_bytes == r.BASE_BYTES + 4 * 80 * 4 + 2 * cal.feed_bytes
     assert (cal.prefills, cal.dit_forwards, cal.unet_forwards) == (7, 6 * 3 + 30, 6 * 5)
     assert cal.peak_component_bytes == 400 * 4  # text is the largest phase here
+    assert cal.host_staging_bytes == 80 * 4  # on cuda only the UNet passes through the host
+    on_cpu = r.calibration_cost(specs, ["dit_step"], PARAMS, prompts=4, held_out=2, steps=(3, 5),
+                                negative_steps=30, device="cpu")  # fmt: skip
+    assert on_cpu.host_staging_bytes == 400 * 4 and not on_cpu.runs_unet
     assert "4 + 2 held-out prompts x (3 DiT + 5 UNet steps)" in cal.describe()
 
 
@@ -83,6 +90,7 @@ def test_count_params_matches_the_modules(tiny_pipeline):
         m.qwen.lm_head.weight.numel()
     )
     assert counts.host == lm.embed_tokens.weight.numel() + m.latent_queries.numel()
+    assert counts.head == m.qwen.lm_head.weight.numel()
     assert set(counts.components) == set(COMPONENTS)
 
 
@@ -106,6 +114,25 @@ def test_peak_rss_sees_a_block_allocation():
         with r.peak_rss("quiet") as quiet:
             pass
         assert quiet["peak_bytes"] <= _rss() + (64 << 20)
+
+
+@pytest.mark.slow
+def test_an_exported_modules_weights_are_freed(tmp_path, tiny_config):
+    """onnxscript's rewrite rules keep the last graph they matched: its weights must not stay."""
+    import gc
+    import weakref
+
+    from export.onnx_export import export_graph
+    from export.wrappers.generation import DiTStepGraph
+    from training.model.dit import NextDiTCrossAttn
+
+    dit = NextDiTCrossAttn(tiny_config.dit).eval()
+    weight = weakref.ref(dit.norm_out.linear_2.weight)
+    spec = graph_specs(graph_dims(tiny_config))["dit_step"]
+    export_graph(DiTStepGraph(dit), spec, tmp_path / "dit_step.onnx")
+    del dit
+    gc.collect()
+    assert weight() is None
 
 
 def test_unknown_stage_kind():
