@@ -4,8 +4,10 @@ widths at reduced depth through `dit_step` and `prefill` against PyTorch.
 The 4b checkpoint is `reduced_depth("4b", 1)`: Qwen2.5-VL-3B's widths, heads, FFN and 151,668-
 token vocabulary with one text layer and one vision block, the 1792-wide DiT with one layer and
 the SDXL-layout UNet at one resnet and transformer layer per block, written in bf16 exactly as
-the release writes it (~2.1 GB) and built with `--layers 1`. Peak memory stays under ~6 GB.
-Tolerances: fp32 ORT vs PyTorch, atol 1e-4 x the output's scale (measured: see each test).
+the release writes it (1.9 GB) and built with `--layers 1`: 72 s, peak RSS 6.7 GB (the
+prefill export, measured by sampling).
+Tolerances: fp32 ORT vs PyTorch, atol 1e-4 x the output's scale (measured max abs errors:
+dit_step 1.0e-5 at scale 6.9, prefill 2.7e-6 at scale 4.4).
 """
 
 from __future__ import annotations
