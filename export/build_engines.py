@@ -7,7 +7,9 @@
 Stages (host assets, export of each graph, quantization, TensorRT engines) are keyed on content
 (checkpoint hash, precision, tool versions, our exporter's source, compute capability, profiles),
 so a second run with the same inputs does nothing, and an interrupted run keeps what it finished.
-`--dry-run` prints the plan. The runtime reads nothing of the folder but the manifest and the
+`--dry-run` prints the plan with each stage's estimated peak memory and disk and the calibration's
+cost. A checkpoint is checked (config, file headers and sizes, keys, decoder, tokenizer) before
+the output folder is made. The runtime reads nothing of the folder but the manifest and the
 files it lists.
 """
 
@@ -23,6 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from export.plan import (  # noqa: E402
     BACKENDS,
+    DECODER_SCHEDULER,
+    DEVICES,
     PRECISION_CHOICES,
     VARIANTS,
     BuildRequest,
@@ -71,6 +75,32 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("DIT", "UNET"),
         help="sampler steps while calibrating (default: the sampler's 30 and 50)",
     )
+    parser.add_argument(
+        "--calibration-count",
+        type=int,
+        metavar="N",
+        help="calibrate on at most N prompts (default: all of the file, or 32 shapes-world ones)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="device of the PyTorch calibration runs (auto: cuda when torch sees a GPU)",
+    )
+    parser.add_argument(
+        "--decoder-scheduler",
+        default="check",
+        choices=DECODER_SCHEDULER,
+        help="the checkpoint's diffusion-decoder scheduler config vs the preset: check (stop on "
+        "a difference), checkpoint (build with the file's values) or preset (keep the preset's)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help="reduced depth: the variant's real widths with N layers per stack (tests, memory "
+        "checks; a checkpoint written so, or --random-weights)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument(
@@ -96,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         graphs=tuple(args.graphs) if args.graphs else None,
         calibration_prompts=args.calibration_prompts,
         calibration_steps=tuple(args.calibration_steps) if args.calibration_steps else None,
+        calibration_count=args.calibration_count,
+        layers=args.layers,
+        decoder_scheduler=args.decoder_scheduler,
+        device=args.device,
         force=args.force,
         dry_run=args.dry_run,
         seed=args.seed,

@@ -8,9 +8,14 @@ the runtime runs, for every prompt and every step:
 * the DiT: flow sigmas/timesteps of `runtime.schedule.flow_sigmas`, CFG batch [zeros, cond],
   Euler update `runtime.schedule.flow_euler_step`;
 * the decoder UNet: `runtime.schedule.euler_discrete_schedule` from the decoder config, CFG batch
-  [cond, negative] with the pipeline's cached negative features, `scale_model_input` then
-  `euler_discrete_step`;
+  [cond, negative] with the decoder's negative features (the blank prompt sampled once, as
+  the pipeline does), `scale_model_input` then `euler_discrete_step`;
 * the VAE: the final latents.
+
+The sampling runs phase by phase over all prompts (condition every prompt, then run the DiT,
+then the UNet), so a build loads one component at a time: a 4b text decoder, DiT and UNet
+together are ~28 GB in fp32, one at a time at most ~10 GB. The models may be on a GPU; feeds are
+numpy on the host.
 
 Noise follows `training.flow.host_noise` (DiT noise first, decoder noise second); prompt `j` uses
 seed `seed + j`. The feeds are keyed by graph name and named like the spec inputs, with the
@@ -35,9 +40,9 @@ from runtime.schedule import (
     scale_model_input,
 )
 from training.data.shapes import format_caption, sample_spec
-from training.flow import host_noise
+from training.flow import host_noise, sample_features
+from training.model.backbone import generation_ids
 from training.model.blip3o import BLIP3o
-from training.pipeline import ReferencePipeline
 
 log = logging.getLogger(__name__)
 
@@ -98,38 +103,139 @@ def _subsample(records: list[tuple[int, Feeds]], max_samples: int | None) -> lis
     return [records[ordered[i]][1] for i in picks]
 
 
+def _conditioning(parts, prompt: str, template: bool, device) -> np.ndarray:
+    ids = generation_ids(parts.tokenizer, prompt, parts.config.backbone, template=template)
+    return _np(parts.model.conditioning(torch.tensor([ids], device=device)))  # (1, 64, H)
+
+
+def collect_step_feeds(pipeline, prompts: list[str], *, seed: int = 0, **options):
+    """Record the exact feeds of the generation graphs while sampling each prompt in PyTorch.
+
+    Returns `{graph: [feeds, ...]}` for `dit_step` and `unet_step` (one feed per prompt and
+    step), `dit` and `unet` (their CFG-batch inputs at every step) and `vae_decoder` (one per
+    prompt). Batch size 1 per prompt; prompt `j` uses seed `seed + j`. Options: those of
+    `collect_feed_sets`.
+    """
+    return collect_feed_sets(pipeline, {"feeds": (prompts, seed)}, **options)["feeds"]
+
+
 @torch.no_grad()
-def collect_step_feeds(
-    pipeline: ReferencePipeline,
-    prompts: list[str],
+def collect_feed_sets(
+    pipeline,
+    sets: dict[str, tuple[list[str], int]],
     *,
     steps: int,
     guidance: float,
     decoder_steps: int,
     decoder_guidance: float,
-    seed: int = 0,
     max_samples: int | None = None,
-) -> dict[str, list[Feeds]]:
-    """Record the exact feeds of the generation graphs while sampling each prompt in PyTorch.
+    graphs: tuple[str, ...] = CALIBRATED_GRAPHS,
+    device=None,
+) -> dict[str, dict[str, list[Feeds]]]:
+    """Feeds of several prompt sets (name -> (prompts, seed)), recorded phase by phase.
 
-    Returns `{graph: [feeds, ...]}` for `dit_step` and `unet_step` (one feed per prompt and
-    step), `dit` and `unet` (their CFG-batch inputs at every step) and `vae_decoder` (one per
-    prompt). Batch size 1 per prompt. `max_samples` caps each graph's list, keeping feeds spread
-    evenly over the steps.
+    `pipeline` is a `ReferencePipeline`, or a function of a phase name ("text", "dit", "unet")
+    giving an object with the `config`, `model`, `decoder` and `tokenizer` that phase runs:
+    all prompts are conditioned first, then sampled by the DiT, then by the UNet, so only one
+    component need be in memory at a time. `graphs` limits what is recorded (the UNet phase
+    runs only when a UNet or VAE graph is asked for); `max_samples` caps each graph's list,
+    keeping feeds spread evenly over the steps; `device` is where the models are (default:
+    that of the latent queries).
     """
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    load = pipeline if callable(pipeline) else (lambda phase: pipeline)
+    for prompts, _ in sets.values():
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     for name, value in (("steps", steps), ("decoder_steps", decoder_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
-    cfg = pipeline.config
+    unknown = sorted(set(graphs) - set(CALIBRATED_GRAPHS))
+    if unknown:
+        raise ValueError(f"unknown graph(s) {unknown}; valid: {', '.join(CALIBRATED_GRAPHS)}")
+
+    text = load("text")
+    cfg = text.config
+    device = device if device is not None else text.model.latent_queries.device
+    blank = _conditioning(text, "", False, device)  # the decoder negative's prompt
+    conds = {n: [_conditioning(text, p, True, device) for p in ps] for n, (ps, _) in sets.items()}
+    del text
+    records = {n: {g: [] for g in CALIBRATED_GRAPHS} for n in sets}
+    dit = load("dit").model
+    s = cfg.sampler
+    (noise,) = host_noise(s.negative_seed, _feature_shape(cfg))
+    negative = sample_features(
+        dit.velocity,
+        torch.from_numpy(blank).to(device),
+        noise.to(device),
+        steps=s.steps,
+        guidance=s.guidance,
+    )
+    negative = _np(BLIP3o.features_to_tokens(negative))  # (1, 64, C)
+    finished = {}
+    for name, (_, seed) in sets.items():
+        finished[name] = [
+            _sample_dit(dit, cond, seed + j, records[name], cfg, steps, guidance, device)
+            for j, cond in enumerate(conds[name])
+        ]
+    del dit
+    if set(graphs) & {"unet", "unet_step", "vae_decoder"}:
+        decoder = load("unet").decoder
+        for name in sets:
+            for features, latent_noise in finished[name]:
+                latents = _sample_unet(
+                    decoder, features, latent_noise, negative, records[name], cfg,
+                    decoder_steps, decoder_guidance, device,
+                )  # fmt: skip
+                records[name]["vae_decoder"].append((0, {"latents": latents}))
+    out = {
+        name: {g: _subsample(r[g], max_samples) for g in CALIBRATED_GRAPHS if g in graphs}
+        for name, r in records.items()
+    }
+    log.info(
+        "calibration feeds: %s", {n: {g: len(v) for g, v in o.items()} for n, o in out.items()}
+    )
+    return out
+
+
+def _feature_shape(cfg) -> tuple[int, int, int, int]:
+    return (1, cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
+
+
+def _sample_dit(dit, cond, seed, records, cfg, steps, guidance, device):
+    """One prompt's DiT trajectory, recorded; returns (feature tokens, the decoder's noise)."""
     dec = cfg.decoder
+    latent_shape = (1, dec.latent_channels, dec.latent_size, dec.latent_size)
+    noise, latent_noise = (_np(n) for n in host_noise(seed, _feature_shape(cfg), latent_shape))
     sigmas = flow_sigmas(steps)  # (steps + 1,)
     timesteps = flow_timesteps(sigmas)  # (steps,) int64
+    cond_in = np.concatenate([np.zeros_like(cond), cond])  # (2, 64, H)
+    x = noise  # (1, C, s, s)
+    for i in range(steps):
+        t, sigma, sigma_next = timesteps[i : i + 1], sigmas[i], sigmas[i + 1]  # t: (1,) int64
+        step = dict(
+            latents=x,
+            timestep=t,
+            sigma=_scalar(sigma),
+            sigma_next=_scalar(sigma_next),
+            cond=cond,
+            guidance=_scalar(guidance),
+        )
+        batch = dict(x=np.concatenate([x, x]), timestep=np.repeat(t, 2), z_latents=cond_in)
+        records["dit_step"].append((i, step))
+        records["dit"].append((i, batch))
+        v = _run(dit.velocity, batch, device)  # (2, C, s, s) [uncond, cond]
+        x = flow_euler_step(x, cfg_combine(v[:1], v[1:], guidance), sigma, sigma_next)
+    features = BLIP3o.features_to_tokens(torch.from_numpy(x)).numpy()  # (1, 64, C)
+    return features, latent_noise
+
+
+def _sample_unet(decoder, features, latent_noise, negative, records, cfg, steps, guidance, device):
+    """One prompt's UNet trajectory, recorded; returns the final latents (1, 4, l, l)."""
+    dec = cfg.decoder
     sched = euler_discrete_schedule(
-        decoder_steps,
+        steps,
         num_train_timesteps=dec.num_train_timesteps,
         beta_start=dec.beta_start,
         beta_end=dec.beta_end,
@@ -137,59 +243,26 @@ def collect_step_feeds(
         timestep_spacing=dec.timestep_spacing,
         steps_offset=dec.steps_offset,
     )
-    negative = _np(pipeline.negative_features())  # (1, 64, C)
-    feature_shape = (1, cfg.dit.in_channels, cfg.dit.input_size, cfg.dit.input_size)
-    latent_shape = (1, dec.latent_channels, dec.latent_size, dec.latent_size)
-    device = pipeline.device
-    records: dict[str, list[tuple[int, Feeds]]] = {g: [] for g in CALIBRATED_GRAPHS}
-
-    for j, prompt in enumerate(prompts):
-        noise, latent_noise = (_np(n) for n in host_noise(seed + j, feature_shape, latent_shape))
-        cond = _np(pipeline.conditioning(prompt))  # (1, 64, H)
-        cond_in = np.concatenate([np.zeros_like(cond), cond])  # (2, 64, H)
-        x = noise  # (1, C, s, s)
-        for i in range(steps):
-            t, sigma, sigma_next = timesteps[i : i + 1], sigmas[i], sigmas[i + 1]  # t: (1,) int64
-            step = dict(
-                latents=x,
-                timestep=t,
-                sigma=_scalar(sigma),
-                sigma_next=_scalar(sigma_next),
-                cond=cond,
-                guidance=_scalar(guidance),
-            )
-            batch = dict(x=np.concatenate([x, x]), timestep=np.repeat(t, 2), z_latents=cond_in)
-            records["dit_step"].append((i, step))
-            records["dit"].append((i, batch))
-            v = _run(pipeline.model.velocity, batch, device)  # (2, C, s, s) [uncond, cond]
-            x = flow_euler_step(x, cfg_combine(v[:1], v[1:], guidance), sigma, sigma_next)
-
-        features = BLIP3o.features_to_tokens(torch.from_numpy(x)).numpy()  # (1, 64, C)
-        feats_in = np.concatenate([features, negative])  # (2, 64, C)
-        latents = (latent_noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
-        for i in range(sched.steps):
-            t, sigma, sigma_next = sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1]
-            step = dict(
-                latents=latents,
-                timestep=_scalar(t),
-                sigma=_scalar(sigma),
-                sigma_next=_scalar(sigma_next),
-                features=features,
-                negative=negative,
-                guidance=_scalar(decoder_guidance),
-            )
-            sample = scale_model_input(np.concatenate([latents, latents]), sigma)  # (2, 4, l, l)
-            batch = dict(
-                sample=sample, timestep=np.full(2, t, np.float32), encoder_hidden_states=feats_in
-            )
-            records["unet_step"].append((i, step))
-            records["unet"].append((i, batch))
-            eps = _run(pipeline.decoder.epsilon, batch, device)  # (2, 4, l, l) [cond, neg]
-            eps = cfg_combine(eps[1:], eps[:1], decoder_guidance)
-            latents = euler_discrete_step(latents, eps, sigma, sigma_next)
-        records["vae_decoder"].append((0, {"latents": latents}))
-        log.debug("calibration prompt %d/%d recorded: %r", j + 1, len(prompts), prompt)
-
-    out = {g: _subsample(r, max_samples) for g, r in records.items()}
-    log.info("calibration feeds: %s", {g: len(v) for g, v in out.items()})
-    return out
+    feats_in = np.concatenate([features, negative])  # (2, 64, C)
+    latents = (latent_noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+    for i in range(sched.steps):
+        t, sigma, sigma_next = sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1]
+        step = dict(
+            latents=latents,
+            timestep=_scalar(t),
+            sigma=_scalar(sigma),
+            sigma_next=_scalar(sigma_next),
+            features=features,
+            negative=negative,
+            guidance=_scalar(guidance),
+        )
+        sample = scale_model_input(np.concatenate([latents, latents]), sigma)  # (2, 4, l, l)
+        batch = dict(
+            sample=sample, timestep=np.full(2, t, np.float32), encoder_hidden_states=feats_in
+        )
+        records["unet_step"].append((i, step))
+        records["unet"].append((i, batch))
+        eps = _run(decoder.epsilon, batch, device)  # (2, 4, l, l) [cond, neg]
+        eps = cfg_combine(eps[1:], eps[:1], guidance)
+        latents = euler_discrete_step(latents, eps, sigma, sigma_next)
+    return latents

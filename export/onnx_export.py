@@ -8,6 +8,7 @@ graph is exercised at other shapes by the parity tests.
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -88,7 +89,27 @@ def export_graph(
             verbose=False,
         )
     program.save(str(path), external_data=None)  # external data only past 2 GB
+    del program, exported
+    _drop_rewriter_graphs()
     return path
+
+
+def _drop_rewriter_graphs() -> None:
+    """Let the exported graph and the weights it references be freed after an export.
+
+    onnxscript's rewrite rules (0.7) live at module level and their pattern matchers keep the
+    last graph they matched, initializers included (which reference the torch parameters): a 3B
+    text decoder's weights would stay resident through every later stage of a build.
+    """
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to drop
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
 
 
 def ort_session(path: str | Path, providers: list[str] | None = None):

@@ -1,10 +1,12 @@
-"""What `build_engines.py` does: validate the request, load the model, plan and run the stages.
+"""What `build_engines.py` does: validate the request, check the weights, plan and run the stages.
 
-One folder per variant and precision. Stages, in order: `assets` (tokenizer, token embeddings,
-latent queries for the host), `export:<graph>` (ONNX at fp32, or fp16/bf16 for those
-precisions), `quantize:<graph>` (INT8/FP8 Q/DQ of the generation graphs, calibrated with the
-real sampler), `engine:<graph>` (TensorRT, only with `--backend tensorrt`). Graphs are exported
-one at a time; the PyTorch pipeline is loaded once, lazily, and only when a stage must run.
+One folder per variant (and depth), precision and backend. Stages, in order: `assets`
+(tokenizer, token embeddings, latent queries for the host), `export:<graph>` (ONNX at fp32, or
+fp16/bf16 for those precisions), `quantize:<graph>` (INT8/FP8 Q/DQ of the generation graphs,
+calibrated with the real sampler), `engine:<graph>` (TensorRT, only with `--backend tensorrt`).
+The checkpoint is checked before the folder is made (`export.source`); graphs are exported one
+at a time, each stage loading only the component it needs, and only when it must run. A dry run
+prints each stage's estimated memory and disk and the calibration's cost (`export.resources`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.stage_defs import onnx_precision
+from export.source import GRAPH_COMPONENT, ModelSource, calibration_device
 from export.stages import (
     REPO,
     EngineFolder,
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 VARIANTS = ("tiny", "4b", "8b")
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
-TINY_CHECKPOINT = REPO / "checkpoints" / "tiny"
+DEVICES = ("auto", "cpu", "cuda")
+DECODER_SCHEDULER = ("check", "checkpoint", "preset")  # training.decoder_folder.SCHEDULER_MODES
 PUBLISHED = {
     "4b": "https://huggingface.co/BLIP3o/BLIP3o-Model-4B",
     "8b": "https://huggingface.co/BLIP3o/BLIP3o-Model-8B",
@@ -63,6 +66,10 @@ class BuildRequest:
     random_weights: bool = False  # seeded random weights, e.g. 4b/8b shapes for latency only
     progress: bool = True
     calibration_steps: tuple[int, int] | None = None  # (DiT, UNet) steps; sampler's by default
+    calibration_count: int | None = None  # at most this many calibration prompts
+    layers: int | None = None  # reduced depth at real widths (training.config.reduced_depth)
+    decoder_scheduler: str = "check"  # the checkpoint's scheduler config vs the preset
+    device: str = "auto"  # where calibration runs: cuda when torch sees a GPU
 
 
 def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | None]:
@@ -78,6 +85,27 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
     bad = sorted(set(request.graphs or ()) - set(GRAPHS))
     if bad:
         raise BuildError(f"unknown graph(s) {bad}; valid: {', '.join(GRAPHS)}")
+    if request.device not in DEVICES:
+        raise BuildError(f"unknown device {request.device!r}; valid: {', '.join(DEVICES)}")
+    if request.decoder_scheduler not in DECODER_SCHEDULER:
+        raise BuildError(
+            f"unknown decoder scheduler mode {request.decoder_scheduler!r}; valid: "
+            f"{', '.join(DECODER_SCHEDULER)}"
+        )
+    for name, value in (
+        ("calibration_count", request.calibration_count),
+        ("layers", request.layers),
+        *zip(("calibration_steps DiT", "calibration_steps UNet"), request.calibration_steps or ()),
+    ):
+        bad = isinstance(value, bool) or not isinstance(value, int) or value < 1
+        if value is not None and bad:
+            raise BuildError(f"{name} must be an integer >= 1, got {value!r}")
+    if request.layers is not None:
+        from training.config import from_preset
+
+        full = from_preset(request.variant).backbone.num_layers
+        if request.layers > full:
+            raise BuildError(f"--layers {request.layers}: {request.variant} has {full} layers")
     if request.random_weights and request.checkpoint is not None:
         raise BuildError("--random-weights and --checkpoint exclude each other")
     if request.variant != "tiny" and request.checkpoint is None and not request.random_weights:
@@ -118,75 +146,25 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
     return precision, sm, trt
 
 
-def output_folder(request: BuildRequest, precision: str) -> Path:
-    folder = request.out or REPO / "engines" / f"{request.variant}-{precision}"
+def output_folder(request: BuildRequest, precision: str, label: str | None = None) -> Path:
+    """`engines/<variant>[-L<layers>]-<precision>[-<backend>]` unless `--out`; the backend is
+    left out for onnxruntime, so folders of different backends never share a name."""
+    label = label or request.variant
+    backend = "" if request.backend == "onnxruntime" else f"-{request.backend}"
+    folder = request.out or REPO / "engines" / f"{label}-{precision}{backend}"
     if (folder / "manifest.json").exists():
         try:
             old = load_manifest(folder)
         except EngineFolderError:
             old = None
-        if old and (old["variant"], old["precision"]) != (request.variant, precision):
+        new = (request.variant, precision, request.backend)
+        if old and (old["variant"], old["precision"], old.get("backend")) != new:
             raise BuildError(
-                f"{folder} holds a {old['variant']}-{old['precision']} engine folder; "
-                f"choose another --out for {request.variant}-{precision}"
+                f"{folder} holds a {old['variant']}-{old['precision']} engine folder for "
+                f"{old.get('backend')}; choose another --out for "
+                f"{request.variant}-{precision} ({request.backend})"
             )
     return folder
-
-
-class ModelSource:
-    """The PyTorch pipeline, loaded on first use (a fully up-to-date build never loads it)."""
-
-    def __init__(self, request: BuildRequest, precision: str) -> None:
-        self.request = request
-        self.precision = precision
-        self._pipeline = None
-        ckpt = request.checkpoint
-        if (
-            ckpt is None
-            and not request.random_weights
-            and request.variant == "tiny"
-            and (TINY_CHECKPOINT / "config.json").exists()
-        ):
-            ckpt = TINY_CHECKPOINT
-        self.checkpoint = ckpt
-        if ckpt is not None:
-            from training.checkpoint import checkpoint_hash, read_config
-
-            try:
-                cfg = read_config(ckpt)
-            except ValueError as err:
-                raise BuildError(str(err)) from err
-            if cfg.variant != request.variant:
-                raise BuildError(
-                    f"checkpoint {ckpt} is a {cfg.variant} checkpoint, not {request.variant}"
-                )
-            self.config = cfg
-            self.hash = checkpoint_hash(ckpt)
-            self.label = f"checkpoint {ckpt}"
-        else:
-            from training.config import from_preset
-
-            self.config = from_preset(request.variant)
-            self.hash = f"random-weights-seed-{request.seed}"
-            self.label = f"RANDOM weights (seed {request.seed}): not a trained model"
-
-    @property
-    def pipeline(self):
-        if self._pipeline is None:
-            from export.onnx_export import TORCH_DTYPES
-
-            dtype = TORCH_DTYPES[onnx_precision(self.precision)]
-            log.info("loading the PyTorch model (%s)", self.label)
-            if self.checkpoint is not None:
-                from training.checkpoint import load_pipeline
-
-                pipe = load_pipeline(self.checkpoint, dtype=dtype)
-            else:
-                pipe = random_pipeline(self.config, self.request.seed)
-                pipe.model.to(dtype)
-                pipe.decoder.to(dtype)
-            self._pipeline = pipe
-        return self._pipeline
 
 
 def random_pipeline(cfg, seed: int):
@@ -216,19 +194,24 @@ def template_info() -> dict:
 
 
 def build(request: BuildRequest) -> Path:
-    """Run (or, with dry_run, print) the plan; return the engine folder."""
+    """Run (or, with dry_run, print) the plan; return the engine folder.
+
+    The checkpoint is checked (config, files, keys, decoder, tokenizer) before the folder is
+    made: a bad one raises `BuildError` and leaves nothing behind.
+    """
     from export.dims import graph_dims
     from export.stage_defs import StageFactory
+    from training.config import depth_label
 
     precision, sm, trt = resolve(request)
-    folder = output_folder(request, precision)
     source = ModelSource(request, precision)
     cfg = source.config
+    folder = output_folder(request, precision, depth_label(cfg))
     specs = graph_specs(graph_dims(cfg))
     wanted = request.graphs or RUNTIME_GRAPHS
     names = [g for g in GRAPHS if g in wanted]
     versions = tool_versions()
-    factory = StageFactory(request, source, precision, specs, versions, sm, trt)
+    factory = StageFactory(request, source, precision, specs, versions, sm, trt, names)
     if request.dry_run:
         manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
         _print_plan(EngineFolder(folder, manifest), factory, names, folder, source)
@@ -256,18 +239,28 @@ def _run_stages(engine: EngineFolder, factory, names: list[str], request: BuildR
         log.warning("removed %s left by an interrupted build", leftover.name)
     log.info("building %s-%s in %s from %s", request.variant, precision, folder, source.label)
     bar = _progress(request.progress, total=len(factory.stage_names(names)))
-    engine.run(factory.assets())
+    source.prepare("host")
+    _run_stage(engine, factory.assets())
     bar.update(1)
     for name in names:
         bar.set_description(name)
+        source.prepare(GRAPH_COMPONENT[name])
         for stage in factory.graph_stages(name, engine):
-            engine.run(stage)
+            _run_stage(engine, stage)
             bar.update(1)
         manifest["graphs"][name] = factory.graph_entry(name, engine)
         engine.save()
     bar.close()
+    source.release()
     manifest["host"] = factory.host_entry(engine)
     engine.save()
+
+
+def _run_stage(engine, stage) -> None:
+    from export.resources import peak_rss
+
+    with peak_rss(stage.name):
+        engine.run(stage)
 
 
 def _start_manifest(folder, request, precision, source, sm, trt, versions) -> dict:
@@ -311,13 +304,54 @@ def _start_manifest(folder, request, precision, source, sm, trt, versions) -> di
 
 
 def _print_plan(engine, factory, names, folder, source) -> None:
+    from export import resources
+
+    stage_names = factory.stage_names(names)
+    params = resources.count_params(source.config)
+    quantized = [n for n in names if factory.quantized(n)]
+    calibration = None
+    if quantized:
+        prompts, held = factory.calibration_prompts()
+        calibration = resources.calibration_cost(
+            factory.specs,
+            quantized,
+            params,
+            prompts=len(prompts),
+            held_out=len(held),
+            steps=factory.calibration_steps(),
+            negative_steps=source.config.sampler.steps,
+            device=calibration_device(factory.request.device),
+        )
+    costs = resources.stage_costs(
+        stage_names,
+        params,
+        precision=factory.precision,
+        graph_components=GRAPH_COMPONENT,
+        calibration=calibration,
+    )
+    *rows, total = resources.format_costs(costs)
+    status = dict(_statuses(engine, factory, names))
     print(f"plan for {folder} ({source.label}):")
+    print(f"  {'stage':<24} {'status':<22} {'loads':<22} {'peak RAM':>9} {'adds':>9}")
+    for name, row in zip(stage_names, rows):
+        print(f"  {name:<24} {status[name]:<22} {row}")
+    if calibration is not None:
+        print(f"  {calibration.describe()}")
+    if source.checkpoint is None:
+        whole = sum(params.components[c] for c in ("vision", "text", "dit", "unet", "vae"))
+        print(
+            f"  random weights: the whole seeded pipeline ({whole * 4 / resources.GB:.1f} GB "
+            "in fp32) is built at once and held by every stage, on top of these figures"
+        )
+    print(f"  estimated: {total} (from parameter counts: README, 'Building 4B/8B on a GPU')")
+
+
+def _statuses(engine, factory, names):
     for stage_name, stage in factory.preview(names, engine):
         if stage is None:
-            status = "after its input stage"
+            yield stage_name, "after its input stage"
         else:
-            status = "up to date" if engine.up_to_date(stage) else "will run"
-        print(f"  {stage_name:<24} {status}")
+            yield stage_name, "up to date" if engine.up_to_date(stage) else "will run"
 
 
 def _progress(enabled: bool, total: int):

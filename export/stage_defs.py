@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from export.stages import EngineFolder, Stage, exporter_source_hash
+from export.wrappers import graph_module
 from runtime.spec import io_dtype, spec_to_dict
 
 log = logging.getLogger(__name__)
 QUANTIZED = ("int8", "fp8")
+DEFAULT_PROMPTS = 32  # calibration prompts without a prompt file (ModelOpt: 32-128)
+HELD_OUT_PROMPTS = 2  # other prompts and seeds, to measure the Q/DQ error on
 
 
 def onnx_precision(precision: str) -> str:
@@ -24,36 +27,27 @@ def onnx_precision(precision: str) -> str:
     return "fp32" if precision in ("fp32", *QUANTIZED) else precision
 
 
-def graph_module(name: str, pipeline):
-    from export.wrappers import generation, text, vision
-
-    m, dec = pipeline.model, pipeline.decoder
-    builders = {
-        "vision": lambda: vision.VisionGraph(m.qwen.model.visual),
-        "prefill": lambda: text.PrefillGraph(m.qwen),
-        "decode": lambda: text.DecodeGraph(m.qwen),
-        "dit": lambda: generation.DiTGraph(m.dit),
-        "dit_step": lambda: generation.DiTStepGraph(m.dit),
-        "unet": lambda: generation.UNetGraph(dec),
-        "unet_step": lambda: generation.UNetStepGraph(dec),
-        "vae_decoder": lambda: generation.VAEDecoderGraph(dec),
-    }
-    return builders[name]()
+def host_precision(precision: str) -> str:
+    """Dtype the host assets are loaded in: fp16 when the I/O is 16-bit, else fp32."""
+    return "fp16" if io_dtype(precision) in ("float16", "bfloat16") else "fp32"
 
 
 def assets_stage(source, precision: str) -> Stage:
     def run(tmp: Path) -> dict:
-        pipe = source.pipeline
-        host_dtype = np.float16 if io_dtype(precision) in ("float16", "bfloat16") else np.float32
-        lm = pipe.model.qwen.model.language_model
-        table = lm.embed_tokens.weight.detach().float().numpy()  # (V, H)
-        np.save(tmp / "embeddings.npy", table.astype(host_dtype))
-        queries = pipe.model.latent_queries.detach().float().numpy().astype(host_dtype)
+        parts = source.load("host", dtype=host_precision(precision))
+        lm = parts.model.qwen.model.language_model
+        table = lm.embed_tokens.weight.detach().cpu().numpy()  # (V, H), fp16 or fp32
+        np.save(tmp / "embeddings.npy", table)
+        queries = parts.model.latent_queries.detach().cpu().numpy()  # (1, 64, H)
         np.save(tmp / "latent_queries.npy", queries)
-        (tmp / "tokenizer.json").write_text(pipe.tokenizer.to_str())
+        (tmp / "tokenizer.json").write_text(parts.tokenizer.to_str())
         return {}
 
-    key = {"checkpoint": source.hash, "precision": precision, "code": exporter_source_hash()}
+    key = {
+        "checkpoint": source.hash,
+        "precision": precision,
+        "code": exporter_source_hash("assets"),
+    }
     return Stage("assets", key, run)
 
 
@@ -64,7 +58,8 @@ def export_stage(name: str, spec, source, precision: str, versions: dict) -> Sta
     file = f"{name}.{p}.onnx"
 
     def run(tmp: Path) -> dict:
-        export_graph(graph_module(name, source.pipeline), spec, tmp / file, precision=p)
+        module = graph_module(name, source.for_graph(name, p))
+        export_graph(module, spec, tmp / file, precision=p)
         return {}
 
     key = {
@@ -73,7 +68,7 @@ def export_stage(name: str, spec, source, precision: str, versions: dict) -> Sta
         "spec": spec_to_dict(spec),
         "tools": {k: versions[k] for k in ("torch", "transformers", "diffusers", "onnxscript")},
         "opset": OPSET,
-        "code": exporter_source_hash(),
+        "code": exporter_source_hash("export"),
     }
     return Stage(f"export:{name}", key, run, info={"onnx": file})
 
@@ -81,9 +76,10 @@ def export_stage(name: str, spec, source, precision: str, versions: dict) -> Sta
 class StageFactory:
     """Builds the stages of one request and turns their records into manifest entries."""
 
-    def __init__(self, request, source, precision, specs, versions, sm, trt) -> None:
+    def __init__(self, request, source, precision, specs, versions, sm, trt, graphs=()) -> None:
         self.request, self.source, self.precision = request, source, precision
         self.specs, self.versions, self.sm, self.trt = specs, versions, sm, trt
+        self.graphs = tuple(graphs)  # the graphs of this build (calibration records only theirs)
         self._calibration = None
 
     def quantized(self, name: str) -> bool:
@@ -127,42 +123,51 @@ class StageFactory:
         if self.request.backend == "tensorrt":
             yield self.engine_stage(name, engine)
 
+    def high_precision(self) -> str:
+        """Dtype of a Q/DQ graph's unquantized ops: fp16 for strongly typed TensorRT, else fp32."""
+        return "fp16" if self.request.backend == "tensorrt" else "fp32"
+
+    def calibration_prompts(self) -> tuple[list[str], list[str]]:
+        """(calibration prompts, held-out prompts), bounded by the request's count."""
+        from export.calibration import default_prompts, load_prompts
+
+        path, count = self.request.calibration_prompts, self.request.calibration_count
+        prompts = load_prompts(path) if path else default_prompts(count or DEFAULT_PROMPTS)
+        prompts = prompts[:count] if count else prompts
+        held = [p for p in default_prompts(8, seed=4321) if p not in prompts][:HELD_OUT_PROMPTS]
+        return prompts, held
+
+    def calibration_steps(self) -> tuple[int, int]:
+        s = self.source.config.sampler
+        return tuple(self.request.calibration_steps or (s.steps, s.decoder_steps))
+
     def calibration(self) -> dict:
         """Sampler feeds for calibration, and held-out feeds (other prompts, other seed)."""
         if self._calibration is None:
-            from export.calibration import collect_step_feeds, default_prompts, load_prompts
+            from export.calibration import collect_feed_sets
+            from export.source import calibration_device
 
-            path = self.request.calibration_prompts
-            prompts = load_prompts(path) if path else default_prompts()
+            prompts, held = self.calibration_prompts()
+            steps = self.calibration_steps()
+            device = calibration_device(self.request.device)
+            log.info("calibrating: %d prompts, %d + %d steps, on %s", len(prompts), *steps, device)
             s = self.source.config.sampler
-            steps = self.request.calibration_steps or (s.steps, s.decoder_steps)
-            log.info("calibrating on %d prompts (%d + %d steps)", len(prompts), *steps)
-
-            def collect(texts, seed):
-                return collect_step_feeds(
-                    self.source.pipeline,
-                    texts,
-                    steps=steps[0],
-                    guidance=s.guidance,
-                    decoder_steps=steps[1],
-                    decoder_guidance=s.decoder_guidance,
-                    seed=seed,
-                )
-
-            held_prompts = [p for p in default_prompts(8, seed=4321) if p not in prompts][:2]
-            self._calibration = {
-                "feeds": collect(prompts, 0),
-                "held_out": collect(held_prompts, 100),
-            }
+            self._calibration = collect_feed_sets(
+                lambda phase: self.source.load(phase, dtype="fp32", device=device),
+                {"feeds": (prompts, 0), "held_out": (held, 100)},
+                steps=steps[0],
+                guidance=s.guidance,
+                decoder_steps=steps[1],
+                decoder_guidance=s.decoder_guidance,
+                graphs=tuple(g for g in self.graphs if self.quantized(g)),
+                device=device,
+            )
+            self.source.release()
         return self._calibration
 
     def _calibration_key(self) -> dict:
-        path = self.request.calibration_prompts
-        s = self.source.config.sampler
-        return {
-            "prompts": path.read_text() if path else "default",
-            "steps": self.request.calibration_steps or (s.steps, s.decoder_steps),
-        }
+        prompts, held = self.calibration_prompts()
+        return {"prompts": prompts, "held_out": held, "steps": self.calibration_steps()}
 
     def quantize(self, name: str, engine: EngineFolder) -> Stage:
         from export.quantize import measure_error, quantize_graph
@@ -179,7 +184,7 @@ class StageFactory:
                 precision=self.precision,
                 calibration=data["feeds"][name],
                 graph=name,
-                high_precision="fp16" if self.request.backend == "tensorrt" else "fp32",
+                high_precision=self.high_precision(),
             )
             report.pop("path", None)
             # a step graph's output is dominated by the latents it carries over: measure its update
@@ -192,15 +197,16 @@ class StageFactory:
         key = {
             "source": src["files"],
             "precision": self.precision,
+            "high_precision": self.high_precision(),
             "calibration": self._calibration_key(),
             "tools": {k: self.versions[k] for k in ("nvidia-modelopt", "onnxruntime", "onnx")},
-            "code": exporter_source_hash(),
+            "code": exporter_source_hash("quantize"),
         }
         return Stage(f"quantize:{name}", key, run, info={"onnx": file})
 
     def engine_stage(self, name: str, engine: EngineFolder) -> Stage:
         from export.trt_build import build_engine
-        from export.trt_plan import plan_engines
+        from export.trt_plan import plan_engines, timing_cache_name
 
         onnx_stage = self._onnx_stage(name, engine)
         onnx_file = onnx_stage["onnx"]
@@ -213,7 +219,7 @@ class StageFactory:
             trt_version=self.trt,
             graphs=[name],
         )
-        cache = engine.folder / "timing.cache"
+        cache = engine.folder / timing_cache_name(self.trt, self.sm)
 
         def run(tmp: Path) -> None:
             build_engine(

@@ -32,8 +32,23 @@ from runtime.manifest import MANIFEST, atomic_write_json, sha256_file
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-# Our own sources whose change must invalidate exported graphs.
-_SOURCE_DIRS = ("export", "training/model", "runtime/spec.py", "runtime/graphs.py")
+# Our own sources whose change must invalidate a stage's output, per stage kind: the model, its
+# loading and what turns it into files, never the CLI, the plan, the checks or the TensorRT code
+# (an engine's key hashes its ONNX and build settings instead).
+_MODEL_SOURCES = (
+    *("training/model", "training/config.py", "training/checkpoint.py"),
+    *("training/checkpoint_config.py", "training/checkpoint_files.py"),
+    *("training/decoder_folder.py", "training/tokenizer.py", "export/source.py"),
+)
+_SOURCE_DIRS = {
+    "assets": (*_MODEL_SOURCES, "export/stage_defs.py"),
+    "export": (*_MODEL_SOURCES, "export/onnx_export.py", "export/wrappers", "runtime/spec.py"),
+    "quantize": (
+        *_MODEL_SOURCES,
+        *("export/quantize.py", "export/calibration.py", "export/onnx_export.py"),
+        *("runtime/schedule.py", "training/flow.py"),
+    ),
+}
 _TOOLS = ("torch", "transformers", "diffusers", "onnx", "onnxscript", "onnxruntime")
 
 
@@ -55,10 +70,12 @@ def tool_versions(names=_TOOLS + ("nvidia-modelopt", "tensorrt")) -> dict[str, s
     return versions
 
 
-def exporter_source_hash() -> str:
-    """Hash of the exporter's and the model's Python sources (code changes rebuild graphs)."""
+def exporter_source_hash(kind: str = "export") -> str:
+    """Hash of our Python sources that make a stage's output (`kind`: assets|export|quantize)."""
+    if kind not in _SOURCE_DIRS:
+        raise ValueError(f"unknown stage kind {kind!r}; valid: {', '.join(_SOURCE_DIRS)}")
     files = []
-    for entry in _SOURCE_DIRS:
+    for entry in _SOURCE_DIRS[kind]:
         path = REPO / entry
         files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
     return canonical_hash([(str(p.relative_to(REPO)), sha256_file(p)) for p in files])

@@ -222,9 +222,9 @@ def test_read_config_names_a_mismatching_field(tmp_path):
 
 
 def test_read_config_rejects_bad_folders(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         ckpt.read_config(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.* has no config.json"):
+    with pytest.raises(ckpt.CheckpointError, match=f"{tmp_path}.* has no config.json"):
         ckpt.read_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 2048}))
     with pytest.raises(ckpt.CheckpointError, match=r"'llama'.*blip3o_qwen, blip3o_qwen_inference"):
@@ -407,7 +407,7 @@ def test_load_rejects_wrong_variant_and_missing_weights(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"floating torch.dtype, got torch.int8"):
         ckpt.load_model(tiny[2], dtype=torch.int8)
     (tmp_path / "config.json").write_bytes((tiny[2] / "config.json").read_bytes())
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors.index.json nor"):
+    with pytest.raises(ckpt.CheckpointError, match="neither model.safetensors.index.json nor"):
         ckpt.load_model(tmp_path)
 
 

@@ -2,13 +2,16 @@
 
 A checkpoint folder holds a transformers Qwen2.5-VL `config.json` with BLIP3-o's extra fields,
 safetensors weights (one `model.safetensors` or shards + `model.safetensors.index.json`) named as
-transformers 4.51 wrote them, the tokenizer, and the `diffusion-decoder/` diffusers folder. The
-key map between published names and our parameter names is a pair of pure functions; transformers
-5.x names load too. Loading builds the model with its parameters on the `meta` device and streams
-tensors shard by shard into place, so an 8b checkpoint never needs two copies in memory; all keys
-and shapes are checked from the safetensors headers before any tensor is read. Saving stages the
-whole folder next to the target and renames it into place, so an interrupted save leaves nothing
-half-written. `checkpoint_hash` is the content key the exporter caches on.
+transformers 4.51 wrote them, the tokenizer (`tokenizer.json`, or `vocab.json` + `merges.txt`),
+and the `diffusion-decoder/` diffusers folder (plain or bf16-variant weights:
+`decoder_folder.py`). The key map between published names and our parameter names is a pair of
+pure functions; transformers 5.x names load too. Loading builds the model with its parameters on
+the `meta` device and streams tensors shard by shard into place, so an 8b checkpoint never needs
+two copies in memory, and `parts` loads only some components (an export of the DiT reads no
+backbone tensor). `verify_checkpoint` checks keys, shapes and every file's header and size
+before any tensor is read (`checkpoint_files.py`). Saving stages the whole folder next to the
+target and renames it into place, so an interrupted save leaves nothing half-written.
+`checkpoint_hash` is the content key the exporter caches on.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -26,10 +28,21 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from training.config import PRESETS, BackboneConfig, ModelConfig, from_dict, from_preset, to_dict
+from training.checkpoint_config import CONFIG_FILE, published_config, read_config
+from training.checkpoint_files import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILE,
+    CheckpointError,
+    check_tokenizer_files,
+    diffusers_weights,
+    read_weights,
+)
+from training.config import PRESETS, BackboneConfig, ModelConfig
+from training.decoder_folder import DECODER_PARTS, load_decoder, settle_scheduler
 from training.model.blip3o import BLIP3o
 from training.model.decoder import Decoder
 from training.pipeline import ReferencePipeline
@@ -37,14 +50,13 @@ from training.tokenizer import check_special_tokens, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
+# re-exported: the names callers used when they lived here
+__all__ = ["CONFIG_FILE", "CheckpointError", "INDEX_FILE", "SINGLE_FILE", "TOKENIZER_FILE"]
+__all__ += ["published_config", "read_config"]
+
 DECODER_DIR = "diffusion-decoder"
-MODEL_TYPES = ("blip3o_qwen", "blip3o_qwen_inference", "qwen2_5_vl")
-VARIANT_BY_HIDDEN_SIZE = {2048: "4b", 3584: "8b"}
 LM_HEAD = "qwen.lm_head.weight"
+EMBED_TOKENS = "qwen.model.language_model.embed_tokens."
 # Training-only towers some published checkpoints carry; inference ignores them.
 IGNORED_PREFIXES = ("model.gen_vision_tower.", "model.vae.")
 
@@ -70,10 +82,6 @@ _TO_PUBLISHED = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder does not match the model it should hold."""
-
-
 def _swap_prefix(name: str, table: tuple[tuple[str, str], ...], what: str) -> str:
     for src, dst in table:
         if name == src or (src.endswith(".") and name.startswith(src)):
@@ -94,132 +102,6 @@ def ours_to_published(name: str) -> str:
     return _swap_prefix(name, _TO_PUBLISHED, "BLIP3o parameter name")
 
 
-# ---------------------------------------------------------------- config.json
-
-
-def _text_fields(data: dict) -> dict:
-    """Text-decoder fields: top level (transformers 4.51) overlaid by `text_config` (5.x)."""
-    text = {**data, **(data.get("text_config") or {})}
-    rope = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
-    if "rope_theta" in rope:
-        text.setdefault("rope_theta", rope["rope_theta"])
-    if "mrope_section" in rope:
-        text["mrope_section"] = rope["mrope_section"]
-    return text
-
-
-# config.json field -> BackboneConfig attribute where the names differ.
-_RENAMED = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
-_RENAMED["num_key_value_heads"] = "num_kv_heads"
-_REQUIRED_TEXT = ("hidden_size", *_RENAMED, "intermediate_size", "vocab_size")
-_TEXT_FIELDS = _REQUIRED_TEXT + (
-    *("rms_norm_eps", "rope_theta", "mrope_section", "tie_word_embeddings", "image_token_id"),
-    *("video_token_id", "vision_start_token_id", "vision_end_token_id"),
-)
-_VISION_FIELDS = (  # same names in vision_config and VisionConfig
-    *("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size"),
-    *("spatial_merge_size", "temporal_patch_size", "window_size", "fullatt_block_indexes"),
-    "tokens_per_second",
-)
-
-
-def _expected_fields(cfg: ModelConfig) -> tuple[dict, dict, dict]:
-    """config.json values the model needs: (text fields, vision_config fields, BLIP3-o fields)."""
-    b = cfg.backbone
-    text = {k: _json(getattr(b, _RENAMED.get(k, k))) for k in _TEXT_FIELDS}
-    vision = {k: _json(getattr(b.vision, k)) for k in _VISION_FIELDS}
-    vision["spatial_patch_size"] = b.vision.patch_size  # Qwen's alias of patch_size
-    extra = dict(gen_hidden_size=cfg.dit.in_channels, n_query=b.n_query)
-    return text, vision, {**extra, "gen_pooling": cfg.target_encoder.pooling}
-
-
-def _json(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
-    return list(a) == list(b) if isinstance(a, (list, tuple)) else a == b
-
-
-def _check_fields(path: Path, data: dict, cfg: ModelConfig) -> None:
-    """Every backbone number present in config.json must equal the config's."""
-    text, vision, extra = _expected_fields(cfg)
-    found_text = _text_fields(data)
-    groups = (("", found_text, text), ("vision_config.", data.get("vision_config") or {}, vision))
-    for prefix, found, expected in (*groups, ("", data, extra)):
-        for key, want in expected.items():
-            if key not in found:
-                if prefix == "" and key in _REQUIRED_TEXT:
-                    raise CheckpointError(f"{path} has no {key!r}")
-                continue
-            if not _same(found[key], want):
-                raise CheckpointError(
-                    f"{path}: {prefix}{key} = {found[key]!r}, but the {cfg.variant!r} variant "
-                    f"has {want!r}"
-                )
-
-
-def read_config(folder: str | Path) -> ModelConfig:
-    """The `ModelConfig` of a checkpoint folder, from its `config.json`.
-
-    The variant comes from our own `blip3o_edge` field when present (exact round trip, needed for
-    `tiny`), else from `hidden_size` (2048 -> 4b, 3584 -> 8b); every backbone number in the file
-    is then checked against that config.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint folder {folder} has no {CONFIG_FILE}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    model_type = data.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(
-            f"{path} has model_type {model_type!r}, not BLIP3-o; accepted: {', '.join(MODEL_TYPES)}"
-        )
-    if "blip3o_edge" in data:
-        cfg = from_dict(data["blip3o_edge"])
-    else:
-        hidden = _text_fields(data).get("hidden_size")
-        if hidden not in VARIANT_BY_HIDDEN_SIZE:
-            known = ", ".join(f"{h} ({v})" for h, v in VARIANT_BY_HIDDEN_SIZE.items())
-            raise CheckpointError(
-                f"{path}: unknown variant, hidden_size {hidden!r}; known: {known}"
-            )
-        cfg = from_preset(VARIANT_BY_HIDDEN_SIZE[hidden])
-    _check_fields(path, data, cfg)
-    return cfg
-
-
-def published_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json in the published (transformers 4.51) form plus our full config."""
-    text, vision, extra = _expected_fields(cfg)
-    b = cfg.backbone
-    text.pop("mrope_section")
-    return {
-        "architectures": ["blip3oQwenForInferenceLM"],
-        "model_type": "blip3o_qwen_inference",
-        "hidden_act": "silu",
-        **text,
-        "max_position_embeddings": b.max_position_embeddings,
-        "rope_scaling": {"type": "mrope", "mrope_section": list(b.mrope_section)},
-        "bos_token_id": b.bos_token_id,
-        "eos_token_id": b.eos_token_id,
-        "pad_token_id": b.pad_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "vision_config": {"hidden_act": "silu", "in_chans": 3, **vision},
-        "gen_vision_tower": cfg.target_encoder.name,
-        **extra,
-        "blip3o_edge": to_dict(cfg),
-    }
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -232,34 +114,6 @@ def empty_model(cfg: ModelConfig) -> BLIP3o:
     """
     with init_empty_weights(include_buffers=False):
         return BLIP3o(cfg)
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the index's shards, or the single file."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shard(s) missing from {folder}: {missing}")
-        return [folder / n for n in names]
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    raise FileNotFoundError(
-        f"checkpoint folder {folder} has neither {INDEX_FILE} nor {SINGLE_FILE}"
-    )
-
-
-def read_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Published key -> (file, shape), from the safetensors headers only."""
-    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if key in found:
-                    raise CheckpointError(f"tensor {key!r} is in both {found[key][0]} and {path}")
-                found[key] = (path, tuple(f.get_slice(key).get_shape()))
-    return found
 
 
 def plan_load(
@@ -311,63 +165,122 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
+def _selected(plan: dict[str, str], parts, tied: bool) -> dict[str, str]:
+    """The part of a load plan under the given prefixes of our names (all of it for None)."""
+    if parts is None:
+        return plan
+    prefixes = tuple(parts)
+    if tied and any(LM_HEAD.startswith(p) for p in prefixes):  # the tied head is the embedding
+        prefixes += (EMBED_TOKENS,)
+    return {k: n for k, n in plan.items() if n.startswith(prefixes)}
+
+
 def load_model(
     folder: str | Path,
     *,
     variant: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    config: ModelConfig | None = None,
+    parts: tuple[str, ...] | None = None,
 ) -> BLIP3o:
     """Load `BLIP3o` (backbone, latent queries, DiT) from a published-layout checkpoint folder.
 
     Tensors are streamed one at a time from the safetensors files into a `meta`-built model and
     cast to `dtype` on `device`; buffers stay float32. `variant`, when given, must be the
-    checkpoint's. Raises `CheckpointError` on missing, unexpected or misshaped tensors.
+    checkpoint's; `config` is the checkpoint's config when already read (`read_config`).
+    `parts`: prefixes of our parameter names to load (`("dit.",)`), the rest stays on `meta`.
+    Raises `CheckpointError` on missing, unexpected or misshaped tensors and damaged files.
     """
     folder = Path(folder)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if variant is not None and variant not in PRESETS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(PRESETS)}")
-    cfg = read_config(folder)
+    cfg = config or read_config(folder)
     if variant is not None and variant != cfg.variant:
         raise CheckpointError(f"{folder} holds the {cfg.variant!r} variant, not {variant!r}")
     model = empty_model(cfg)
-    found = read_shapes(weight_files(folder))
+    found = read_weights(folder)
     expected = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
     tied = cfg.backbone.tie_word_embeddings
-    plan = plan_load(expected, {k: shape for k, (_, shape) in found.items()}, tied=tied)
-    for path in sorted({found[k][0] for k in plan}):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if key in plan:
-                    tensor = f.get_tensor(key)
-                    cast = dtype if tensor.is_floating_point() else None
-                    _assign(model, plan[key], tensor.to(device=device, dtype=cast))
+    plan = plan_load(expected, {k: info.shape for k, info in found.items()}, tied=tied)
+    plan = _selected(plan, parts, tied)
+    for path in sorted({found[k].file for k in plan}):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key in plan:
+                        tensor = f.get_tensor(key)
+                        cast = dtype if tensor.is_floating_point() else None
+                        _assign(model, plan[key], tensor.to(device=device, dtype=cast))
+        except SafetensorError as err:
+            raise CheckpointError(f"cannot read {path}: {err}") from err
         log.debug("loaded %s", path.name)
-    if tied:
+    if tied and EMBED_TOKENS + "weight" in plan.values():
         model.qwen.lm_head.weight = model.qwen.model.language_model.embed_tokens.weight
     for module in model.modules():
         for name, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[name] = buf.to(device)
-    on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    tensors = (*model.named_parameters(remove_duplicate=False), *model.named_buffers())
+    wanted = tuple(parts) if parts is not None else ("",)
+    on_meta = [n for n, t in tensors if t.is_meta and n.startswith(wanted)]
     if on_meta:
         raise CheckpointError(f"not loaded from {folder} (still on meta): {on_meta}")
-    log.info("loaded BLIP3-o %s from %s (%d tensors)", cfg.variant, folder, len(plan))
+    what = "" if parts is None else f" (parts {', '.join(parts)})"
+    log.info("loaded BLIP3-o %s%s from %s (%d tensors)", cfg.variant, what, folder, len(plan))
     return model.eval()
 
 
-def load_pipeline(
-    folder: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> ReferencePipeline:
-    """`ReferencePipeline` of a checkpoint folder: model, tokenizer and diffusion decoder."""
+def verify_checkpoint(folder: str | Path, cfg: ModelConfig) -> None:
+    """Check a checkpoint folder for `cfg` without reading a tensor: one `CheckpointError` if not.
+
+    Every safetensors header and file size (`checkpoint_files`), the index's shards and sizes,
+    the key set and shapes against the model, the decoder's weight files and its scheduler
+    config (run `settle_scheduler` for that), and the tokenizer's files.
+    """
     folder = Path(folder)
-    model = load_model(folder, dtype=dtype, device=device)
+    found = read_weights(folder)
+    expected = {n: tuple(t.shape) for n, t in empty_model(cfg).state_dict(keep_vars=True).items()}
+    shapes = {k: info.shape for k, info in found.items()}
+    plan_load(expected, shapes, tied=cfg.backbone.tie_word_embeddings)
+    decoder = folder / DECODER_DIR
+    if not decoder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} has no {DECODER_DIR}/ folder")
+    for part in DECODER_PARTS:
+        diffusers_weights(decoder / part)
+    check_tokenizer_files(folder)
+
+
+def load_pipeline(
+    folder: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: ModelConfig | None = None,
+    scheduler: str = "check",
+) -> ReferencePipeline:
+    """`ReferencePipeline` of a checkpoint folder: model, tokenizer and diffusion decoder.
+
+    `scheduler`: how the decoder's scheduler config meets the preset (`settle_scheduler`).
+    """
+    folder = Path(folder)
+    cfg = settle_scheduler(folder / DECODER_DIR, config or read_config(folder), scheduler)
+    model = load_model(folder, dtype=dtype, device=device, config=cfg)
+    tokenizer = load_checked_tokenizer(folder, cfg)
+    decoder = load_decoder(cfg.decoder, folder / DECODER_DIR, dtype=dtype, device=device)
+    return ReferencePipeline(model, decoder, tokenizer)
+
+
+def load_checked_tokenizer(folder: str | Path, cfg: ModelConfig):
+    """The checkpoint's tokenizer, its special tokens checked against the config's ids."""
     tokenizer = load_tokenizer(folder)
-    check_special_tokens(tokenizer, special_tokens(model.config.backbone))
-    decoder = Decoder.from_folder(model.config.decoder, folder / DECODER_DIR)
-    return ReferencePipeline(model, decoder.to(device=device, dtype=dtype), tokenizer)
+    try:
+        check_special_tokens(tokenizer, special_tokens(cfg.backbone))
+    except ValueError as err:
+        raise CheckpointError(f"{folder}: {err}") from err
+    return tokenizer
 
 
 def special_tokens(b: BackboneConfig) -> dict[str, int]:

@@ -418,6 +418,46 @@ def from_preset(name: str, **overrides) -> ModelConfig:
     return config
 
 
+def reduced_depth(config: ModelConfig | str, layers: int) -> ModelConfig:
+    """A variant at its real widths with at most `layers` blocks per stack (tests, memory checks).
+
+    The text decoder, the vision tower and the DiT keep `layers` blocks (the vision tower keeps
+    its full-attention blocks among them, else makes the last one full); each decoder UNet block
+    keeps at most `layers` resnets and transformer layers. Widths, heads, FFN, vocabulary and
+    token counts stay those of the variant, so the graphs have the real shapes and weights per
+    layer at a fraction of the memory. `variant` stays the preset's name: `depth_label` tells.
+    """
+    cfg = from_preset(config) if isinstance(config, str) else config
+    full = cfg.backbone.num_layers
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= full:
+        raise ValueError(
+            f"layers must be an integer in [1, {full}] for {cfg.variant}, got {layers!r}"
+        )
+    b, v, dec = cfg.backbone, cfg.backbone.vision, cfg.decoder
+    depth = min(v.depth, layers)
+    full_attention = tuple(i for i in v.fullatt_block_indexes if i < depth) or (depth - 1,)
+    vision = dataclasses.replace(v, depth=depth, fullatt_block_indexes=full_attention)
+    return dataclasses.replace(
+        cfg,
+        backbone=dataclasses.replace(b, num_layers=layers, vision=vision),
+        dit=dataclasses.replace(cfg.dit, n_layers=min(cfg.dit.n_layers, layers)),
+        decoder=dataclasses.replace(
+            dec,
+            layers_per_block=min(dec.layers_per_block, layers),
+            transformer_layers_per_block=tuple(
+                min(n, layers) for n in dec.transformer_layers_per_block
+            ),
+        ),
+    )
+
+
+def depth_label(config: ModelConfig) -> str:
+    """`4b` for a preset's depth, `4b-L2` for `reduced_depth(4b, 2)`: names folders apart."""
+    full = PRESETS[config.variant]().backbone.num_layers
+    n = config.backbone.num_layers
+    return config.variant if n == full else f"{config.variant}-L{n}"
+
+
 def to_dict(config) -> dict:
     """A JSON-ready dict of any config dataclass (tuples become lists)."""
     return dataclasses.asdict(config)

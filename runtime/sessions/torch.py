@@ -70,7 +70,13 @@ def _load(folder: Path, manifest: dict, device: str, dtype):
                 "the torch backend needs those weights (or rebuild the folder: "
                 f"{rebuild_hint(manifest)})"
             )
-        return load_pipeline(ckpt["path"], device=device, dtype=dtype)
+        from training.config import from_dict
+
+        # the manifest's config is what the folder was built for (depth, decoder scheduler)
+        config = from_dict(manifest["config"])
+        return load_pipeline(
+            ckpt["path"], device=device, dtype=dtype, config=config, scheduler="preset"
+        )
     if random is None:
         raise EngineFolderError(
             f"{folder}: manifest checkpoint {ckpt!r} has neither a path nor a "

@@ -92,18 +92,6 @@ class Decoder(nn.Module):
             "time_ids", torch.tensor(cfg.time_ids, dtype=torch.float32), persistent=False
         )
 
-    @classmethod
-    def from_folder(cls, cfg: DecoderConfig, folder: str | Path) -> Decoder:
-        """Load a diffusers pipeline folder holding `unet/`, `vae/` and `scheduler/`."""
-        folder = Path(folder)
-        for sub in ("unet", "vae", "scheduler"):
-            if not (folder / sub).is_dir():
-                raise FileNotFoundError(f"decoder folder {folder} has no {sub}/ subfolder")
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-        vae = AutoencoderKL.from_pretrained(folder / "vae")
-        scheduler = EulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-        return cls(cfg, unet=unet, vae=vae, scheduler=scheduler).eval()
-
     def save_folder(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.unet.save_pretrained(folder / "unet")
