@@ -121,6 +121,6 @@ def test_example_reports_python_errors(example, tiny_engine_dir, tmp_path):
     env = embedded_env(via_python_path=True)
     run = run_example(example, str(tiny_engine_dir), str(out), "", QUESTION, env=env)
     assert run.returncode != 0
-    assert f"ValueError: {err.value}" in run.stderr
+    assert f"{type(err.value).__name__}: {err.value}" in run.stderr  # UserError: prompt is empty
     assert "Traceback" not in run.stderr
     assert not out.exists()

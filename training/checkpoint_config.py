@@ -9,13 +9,12 @@ size stops here with the field and both values named, before any weight is read.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from training.checkpoint_files import CheckpointError
+from training.checkpoint_files import CheckpointError, read_json_object
 from training.config import ModelConfig, from_dict, from_preset, reduced_depth, to_dict
 
 CONFIG_FILE = "config.json"
@@ -104,12 +103,7 @@ def read_config(folder: str | Path, *, layers: int | None = None) -> ModelConfig
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint folder {folder} has no {CONFIG_FILE}")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+    data = read_json_object(path)
     model_type = data.get("model_type")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(

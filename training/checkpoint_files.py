@@ -42,6 +42,17 @@ class CheckpointError(ValueError):
     """A checkpoint folder does not match the model it should hold, or its files are damaged."""
 
 
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config, index, scheduler config) as a dict, or CheckpointError."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a safetensors header."""
@@ -105,11 +116,8 @@ def _entry(path: Path, key: str, entry) -> tuple[TensorInfo, tuple[int, int]]:
 
 
 def _read_index(index: Path) -> dict:
-    try:
-        data = json.loads(index.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{index} is not valid JSON: {err}") from err
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json_object(index)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no weight_map (tensor key -> shard file)")
     if not all(isinstance(v, str) and "/" not in v and "\\" not in v for v in weight_map.values()):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
 import math
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-from training.checkpoint_files import CheckpointError, diffusers_weights
+from training.checkpoint_files import CheckpointError, diffusers_weights, read_json_object
 from training.config import DecoderConfig, ModelConfig
 from training.model.decoder import Decoder, unet_kwargs, vae_kwargs
 
@@ -101,12 +100,7 @@ def read_scheduler_config(folder: str | Path) -> dict:
     path = Path(folder) / SCHEDULER_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist (the decoder's scheduler config)")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+    data = read_json_object(path)
     return data
 
 
