@@ -198,3 +198,26 @@ def test_exact_match_normalizes_and_scores():
         lambda im, q: truth[im.tobytes(), q] if q.startswith("How many") else "", items
     )
     assert counts_only["by_type"]["count"] == 1.0 and counts_only["by_type"]["describe"] == 0.0
+
+
+def test_descriptions_are_right_when_true_of_the_image():
+    """Any canonical caption true of the image counts (a pair in the other order, a relation the
+    other way round); one naming the wrong objects does not, and counts stay exact."""
+    items = [
+        it for it in understanding.make_questions(seed=2, n=200) if it[1] == "Describe the image."
+    ]
+    pairs = [(im, a) for im, _, a in items if parse_caption(a)["form"] == "pair"]
+    assert len(pairs) >= 5
+
+    def swap(answer: str) -> str:
+        first, second = answer.split(" and ")
+        return f"{second} and {first}"
+
+    alt = {im.tobytes(): swap(a) for im, a in pairs}
+    subset = [(im, "Describe the image.", a) for im, a in pairs]
+    right = understanding.exact_match(lambda im, q: alt[im.tobytes()], subset)
+    assert right["accuracy"] == 1.0
+    wrong = understanding.exact_match(
+        lambda im, q: alt[im.tobytes()].replace(" and a ", " and a big "), subset
+    )
+    assert wrong["accuracy"] == 0.0

@@ -17,6 +17,7 @@ from training.data.shapes import (
     SHAPES,
     ShapeObject,
     box_gap,
+    caption_describes,
     format_caption,
     full_caption,
     parse_caption,
@@ -258,3 +259,46 @@ def test_detector_color_tolerance_and_min_area():
     assert found == {("red", "square", 400), ("blue", "square", MIN_AREA)}
     with pytest.raises(ValueError, match="uint8"):
         detect(image.astype(np.float32))
+
+
+OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of",
+            "above": "below", "below": "above"}  # fmt: skip
+
+
+def test_caption_describes_accepts_every_true_caption_and_nothing_else(scenes):
+    checked = {"pair": 0, "relation": 0}
+    for scene in scenes[:600]:
+        found = detect(scene.render())
+        truth = full_caption(scene)
+        assert caption_describes(truth, scene.objects) and caption_describes(truth, found)
+        if scene.form == "single" and scene.caption != truth:  # color dropped: not a description
+            assert not caption_describes(scene.caption, scene.objects)
+        if len(scene.objects) != 2 or scene.form == "count":
+            continue
+        (c1, s1), (c2, s2) = ((o.color, o.shape) for o in scene.objects)
+        swapped = f"a {c2} {s2} and a {c1} {s1}"
+        assert caption_describes(swapped, found) and caption_describes(
+            f"a {c1} {s1} and a {c2} {s2}", found
+        )
+        other = next(c for c in COLORS if c not in (c1, c2))
+        assert not caption_describes(f"a {other} {s1} and a {c2} {s2}", found)
+        assert not caption_describes(f"a {c1} {s1}", found)  # names one of two objects
+        rel = relation_of(scene.objects[0], scene.objects[1])
+        if rel is not None:
+            assert caption_describes(f"a {c2} {s2} {OPPOSITE[rel]} a {c1} {s1}", found)
+            assert not caption_describes(f"a {c1} {s1} {OPPOSITE[rel]} a {c2} {s2}", found)
+            checked["relation"] += 1
+        checked["pair"] += 1
+    assert min(checked.values()) > 20
+    assert not caption_describes("a red blob", scenes[0].objects)
+    assert not caption_describes("", scenes[0].objects)
+
+
+def test_caption_describes_counts_exactly():
+    objs = [ShapeObject("red", "circle", 2 + 20 * i, 2, 12) for i in range(3)]
+    assert caption_describes("three red circles", objs)
+    assert not caption_describes("two red circles", objs)
+    assert not caption_describes("three blue circles", objs)
+    assert not caption_describes(
+        "four red circles", objs[:2] + [ShapeObject("red", "square", 2, 30, 12)] * 2
+    )

@@ -5,6 +5,7 @@ torchrun --nproc_per_node 2 -m training train --stages generation --out runs/tin
 python -m training export-checkpoint --run runs/tiny --out checkpoints/tiny
 python -m training eval --checkpoint checkpoints/tiny [--per-task 25] [--update-card]
 python -m training decoder-ceiling --run runs/tiny [--per-task 25]
+python -m training gate --run runs/tiny          # does stage 1's backbone read captions?
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 def train_command(
     *, stages: str, out: Path, steps_scale: float, resume: bool, seed: int, threads: int | None,
     jobs: int, evals: bool, wait_upstream: float, recorded_command: str | None,
-    threads_after_decoder: int = 0,
+    threads_after_decoder: int = 0, force_gate: bool = False,
 ) -> dict:  # fmt: skip
     from training.train.recipe import parse_stages, train
 
@@ -34,8 +35,34 @@ def train_command(
     return train(
         out=out, stages=parse_stages(stages), steps_scale=steps_scale, resume=resume, seed=seed,
         evals=evals, jobs=jobs, wait_upstream_s=wait_upstream, command=command,
-        threads_after_decoder=threads_after_decoder,
+        threads_after_decoder=threads_after_decoder, force_gate=force_gate,
     )  # fmt: skip
+
+
+def gate_command(*, run: Path, out: Path | None, threads: int) -> bool:
+    """Print the gate report of a run's finished stage 1; True when it passes."""
+    import json
+
+    from training.config import from_preset
+    from training.tokenizer import build_tiny_tokenizer
+    from training.train.common import Dist
+    from training.train.gate import check_gate, format_gate, probe
+    from training.train.run import Run, load_model
+    from training.train.stages import DEFAULTS, KNOBS
+
+    torch.set_num_threads(threads)
+    if not (run / "understanding.pt").is_file():
+        raise SystemExit(f"error: {run} has no understanding.pt (train stage 1 first)")
+    r = Run(out=run, cfg=from_preset("tiny"), seed=0, dist=Dist(), resume=True,
+            settings=DEFAULTS, knobs=KNOBS)  # fmt: skip
+    report = probe(load_model(r, generation=False), build_tiny_tokenizer())
+    report["passed"] = not check_gate(report)
+    print(format_gate(report))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    return report["passed"]
 
 
 def export_command(*, run: Path, out: Path) -> Path:
@@ -122,9 +149,18 @@ def main(argv: list[str] | None = None) -> None:
         help="2: train understanding+generation in a second process, concurrently",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the periodic evaluations")
+    p.add_argument(
+        "--force-gate", action="store_true",
+        help="start stage 2 even when stage 1's backbone fails the caption-reading gate",
+    )  # fmt: skip
     p.add_argument("--wait-upstream", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--threads-after-decoder", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--recorded-command", default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("gate", help="caption-reading probe of stage 1's backbone (exit 1: fails)")
+    p.add_argument("--run", type=Path, required=True, help="run folder with a finished stage 1")
+    p.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--threads", type=int, default=2)
 
     p = sub.add_parser("export-checkpoint", help="write a run as a published-layout checkpoint")
     p.add_argument("--run", type=Path, required=True)
@@ -159,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
                       resume=args.resume, seed=args.seed, threads=args.threads, jobs=args.jobs,
                       evals=not args.no_eval, wait_upstream=args.wait_upstream,
                       recorded_command=args.recorded_command,
-                      threads_after_decoder=args.threads_after_decoder)  # fmt: skip
+                      threads_after_decoder=args.threads_after_decoder,
+                      force_gate=args.force_gate)  # fmt: skip
+    elif args.command == "gate":
+        sys.exit(0 if gate_command(run=args.run, out=args.out, threads=args.threads) else 1)
     elif args.command == "export-checkpoint":
         print(export_command(run=args.run, out=args.out))
     elif args.command == "decoder-ceiling":

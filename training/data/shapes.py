@@ -219,6 +219,33 @@ def format_caption(spec: dict) -> str:
     return caption
 
 
+def caption_describes(caption: str, objects: Sequence) -> bool:
+    """Whether `caption` is a canonical caption, colors included, of a scene with `objects`.
+
+    `objects` are ShapeObjects or detections (anything with `color`, `shape` and `centroid`). A
+    two-object scene has several such captions (a pair in either order, a relation in either
+    direction): each is true of the image. The caption must name exactly the scene's objects, with
+    colors; a relation must be the one the grammar names for that pair (`relation_of`).
+    """
+    try:
+        spec = parse_caption(caption)
+    except ValueError:
+        return False
+    named = spec["objects"]
+    if any(color is None for color, _ in named) or spec["count"] != len(objects):
+        return False
+    present = sorted((o.color, o.shape) for o in objects)
+    if spec["form"] == "count":
+        return present == [tuple(named[0])] * spec["count"]
+    if present != sorted(tuple(n) for n in named):
+        return False
+    if spec["form"] != "relation":
+        return True
+    first = next(o for o in objects if (o.color, o.shape) == tuple(named[0]))
+    second = next(o for o in objects if (o.color, o.shape) == tuple(named[1]))
+    return relation_of(first, second) == spec["relation"]
+
+
 def _pick(rng: np.random.Generator, names: Sequence[str]) -> str:
     return names[int(rng.integers(len(names)))]
 

@@ -5,6 +5,14 @@ exactly the chat layout `ReferencePipeline.answer` prompts with (`understanding_
 processor's patches, `mm_token_type_ids`); the loss covers the answer tokens and the closing
 `<|im_end|>` only, so greedy decoding stops where the answer does.
 
+It also learns to read captions, as Qwen2.5-VL's text pretraining taught the real backbone to:
+text rows in the generation format (`generation_ids` + the 64 latent queries, exactly what stage 2
+conditions on) carry a next-token loss on the caption's tokens and a caption-reading loss, a
+training-only linear head (`CaptionReader`) that recovers the caption's structure (form, the named
+objects' colors and shapes, relation, count) from the mean of the query positions' last hidden
+states. Without them the frozen backbone hands stage 2 a condition that separates colors ~100x
+more than shapes (issue #11); the queries trained here are stage 2's starting queries.
+
 `generation`: the backbone is frozen; the 64 latent queries and the DiT learn by flow matching
 (`training.flow.flow_matching_loss`: sigma uniform over 1000 levels, 10% all-zero conditioning)
 to generate the normalized target features of each training image from the conditioning of its
@@ -19,9 +27,18 @@ import torch
 from torch import nn
 
 from training.config import ModelConfig
-from training.data.shapes import Scene, sample_qa
+from training.data.shapes import (
+    COLORS,
+    COUNT_WORDS,
+    FORMS,
+    RELATIONS,
+    SHAPES,
+    Scene,
+    parse_caption,
+    sample_qa,
+)
 from training.flow import flow_matching_loss
-from training.model.backbone import generation_ids, understanding_text
+from training.model.backbone import generation_ids, generation_text, understanding_text
 from training.model.blip3o import BLIP3o
 from training.pipeline import image_processor
 
@@ -112,16 +129,22 @@ def conditioning(model: BLIP3o, input_ids: torch.Tensor, prompt_mask: torch.Tens
     Pads are masked out and positions count from each prompt's first token, so every row equals
     the unpadded single-prompt conditioning (to float rounding).
     """
+    return prompt_hidden(model, input_ids, prompt_mask)[:, -model.latent_queries.shape[1] :]
+
+
+def prompt_hidden(
+    model: BLIP3o, input_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> torch.Tensor:
+    """Last hidden states (after the norm) of left-padded prompts + the 64 queries: (P, S+64, H)."""
     lm = model.qwen.model.language_model
     p = input_ids.shape[0]
     queries = model.latent_queries.expand(p, -1, -1)  # (P, 64, H)
     embeds = torch.cat([lm.embed_tokens(input_ids), queries.to(lm.embed_tokens.weight)], 1)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(p, queries.shape[1])], 1)  # (P, S+64)
     positions = (mask.cumsum(1) - 1).clamp_min(0)[None].expand(3, -1, -1)  # (3, P, S+64)
-    hidden = lm(
+    return lm(
         inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
     ).last_hidden_state
-    return hidden[:, -queries.shape[1] :]  # (P, 64, H)
 
 
 def generation_prompt_batch(tokenizer, cfg: ModelConfig, captions: list[str]) -> dict:
@@ -133,3 +156,102 @@ def generation_prompt_batch(tokenizer, cfg: ModelConfig, captions: list[str]) ->
     for i, r in enumerate(rows):
         ids[i, longest - len(r) :], mask[i, longest - len(r) :] = torch.tensor(r), 1
     return {"input_ids": ids, "prompt_mask": mask}
+
+
+# ---------------------------------------------------------------- caption reading (stage 1)
+
+# The caption structure the reader recovers: slot -> its classes (None: the slot is absent).
+READER_SLOTS = {
+    "form": FORMS,
+    "color1": (*COLORS, None),
+    "shape1": SHAPES,
+    "color2": (*COLORS, None),
+    "shape2": (*SHAPES, None),
+    "relation": (*RELATIONS, None),
+    "count": COUNT_WORDS,
+}
+
+
+def caption_labels(caption: str) -> list[int]:
+    """The class index of each READER_SLOTS slot for one grammar caption."""
+    spec = parse_caption(caption)
+    first = spec["objects"][0]
+    second = spec["objects"][1] if len(spec["objects"]) > 1 else (None, None)
+    values = {
+        "form": spec["form"], "color1": first[0], "shape1": first[1], "color2": second[0],
+        "shape2": second[1], "relation": spec["relation"], "count": COUNT_WORDS[spec["count"]],
+    }  # fmt: skip
+    return [READER_SLOTS[slot].index(values[slot]) for slot in READER_SLOTS]
+
+
+class CaptionReader(nn.Module):
+    """Training-only: the caption's structure from the mean query condition (one linear map),
+    and the latent queries it trains with the backbone (saved with stage 1)."""
+
+    def __init__(self, model: BLIP3o) -> None:
+        super().__init__()
+        self.queries = model.latent_queries  # shared with the model
+        hidden = model.config.backbone.hidden_size
+        self.head = nn.Linear(hidden, sum(len(v) for v in READER_SLOTS.values()))
+
+    def forward(self, mean_condition: torch.Tensor) -> list[torch.Tensor]:
+        """(B, H) -> one (B, classes) logits tensor per slot."""
+        sizes = [len(v) for v in READER_SLOTS.values()]
+        return list(self.head(mean_condition).split(sizes, dim=-1))
+
+
+def caption_token_mask(tokenizer, caption: str, cfg) -> list[bool]:
+    """Which ids of `generation_ids(caption)` are the caption's own tokens (by character span)."""
+    text = generation_text(caption)
+    start = text.rindex(caption)
+    end = start + len(caption)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    mask = [a < end and b > start for a, b in encoding.offsets]
+    return mask + [False]  # the appended [IMG]
+
+
+def caption_batch(tokenizer, cfg: ModelConfig, captions: list[str]) -> dict:
+    """Left-padded generation prompts of `captions` with caption-token labels and reader labels."""
+    prompts = generation_prompt_batch(tokenizer, cfg, captions)
+    ids = prompts["input_ids"]
+    labels = torch.full_like(ids, IGNORE)
+    for i, caption in enumerate(captions):
+        mask = torch.tensor(caption_token_mask(tokenizer, caption, cfg))
+        row = labels[i, ids.shape[1] - len(mask) :]
+        row[mask] = ids[i, ids.shape[1] - len(mask) :][mask]
+    reader = torch.tensor([caption_labels(c) for c in captions], dtype=torch.long)  # (B, slots)
+    return {"caption_ids": ids, "caption_mask": prompts["prompt_mask"], "caption_labels": labels,
+            "reader_labels": reader}  # fmt: skip
+
+
+class Stage1Objective(nn.Module):
+    """Image chats (answers) + caption rows (next-token on the caption, structure from queries)."""
+
+    def __init__(self, model: BLIP3o, lm_weight: float, read_weight: float) -> None:
+        super().__init__()
+        self.understanding = UnderstandingObjective(model)
+        self.model = model
+        self.reader = CaptionReader(model)
+        self.lm_weight, self.read_weight = lm_weight, read_weight
+
+    def forward(self, caption_ids=None, caption_mask=None, caption_labels=None,
+                reader_labels=None, **chats):  # fmt: skip
+        loss, metrics = self.understanding(**chats)
+        if caption_ids is None:  # no caption rows (caption_rows = 0)
+            return loss, metrics
+        hidden = prompt_hidden(self.model, caption_ids, caption_mask)  # (P, S+64, H)
+        n_query = self.model.latent_queries.shape[1]
+        logits = self.model.qwen.lm_head(hidden[:, : -n_query - 1]).float()  # predicts 1..S-1
+        lm = nn.functional.cross_entropy(
+            logits.transpose(1, 2), caption_labels[:, 1:], ignore_index=IGNORE
+        )
+        read_logits = self.reader(hidden[:, -n_query:].mean(1))
+        read = sum(
+            nn.functional.cross_entropy(lg.float(), reader_labels[:, i])
+            for i, lg in enumerate(read_logits)
+        ) / len(read_logits)
+        hits = torch.stack(
+            [lg.argmax(-1) == reader_labels[:, i] for i, lg in enumerate(read_logits)]
+        ).all(0)
+        total = loss + self.lm_weight * lm + self.read_weight * read
+        return total, {**metrics, "caption_lm": lm, "read": read, "read_acc": hits.float().mean()}

@@ -4,9 +4,10 @@ Generation has two learned halves: the DiT makes target features from a prompt, 
 UNet) paints features. `decoder_ceiling` takes the DiT out. For every mini-GenEval prompt and seed
 it draws a scene that satisfies the prompt (`scene_for_prompt`), then judges with the benchmark's
 own rules (a) the VAE's reconstruction of that scene and (b) the decoder's image from the scene's
-true target features (the standardized tokens the DiT is trained to generate; no guidance, as the
-decoder stage's own check). A pipeline scores above (b) only by luck, and (b) rarely above (a):
-the gap between (b) and a checkpoint's mini-GenEval is what the DiT loses.
+true target features (the standardized tokens the DiT is trained to generate), with the sampler's
+decoder steps and guidance against the zero negative the UNet was trained to drop to. A pipeline
+scores above (b) only by luck, and (b) rarely above (a): the gap between (b) and a checkpoint's
+mini-GenEval is what the DiT loses.
 """
 
 from __future__ import annotations
@@ -39,20 +40,23 @@ def decoder_ceiling(
     per_task: int = 25,
     seeds: Sequence[int] = EVAL_SEEDS,
     decoder_steps: int | None = None,
+    decoder_guidance: float | None = None,
     batch: int = 50,
 ) -> dict:
     """{"vae": scores, "decoder": scores} of a run folder with finished encoder and decoder.
 
     Scores are `geneval.score` dicts (six tasks + overall) over the benchmark's `per_task`
     prompts per task x `seeds`, one oracle scene per distinct (prompt, seed) as the benchmark
-    makes one image. `decoder_steps` defaults to the sampler's.
+    makes one image. `decoder_steps` and `decoder_guidance` default to the sampler's.
     """
     if per_task < 1 or not seeds:
         raise ValueError(f"need per_task >= 1 and at least one seed, got {per_task}, {seeds!r}")
     run = open_run(run_dir)
     encoder, stats = load_target_encoder(run)
     decoder = load_decoder(run)
-    steps = run.cfg.sampler.decoder_steps if decoder_steps is None else decoder_steps
+    s = run.cfg.sampler
+    steps = s.decoder_steps if decoder_steps is None else decoder_steps
+    guidance = s.decoder_guidance if decoder_guidance is None else decoder_guidance
     prompts = make_prompts(0, per_task)
     keys = list(dict.fromkeys((p.prompt, seed) for p in prompts for seed in seeds))
     vae, painted = {}, {}
@@ -65,13 +69,21 @@ def decoder_ceiling(
         images = images_tensor(scenes)
         vae.update(zip(chunk, decoder.decode_latents(enc.decoder_latents(decoder, images))))
         feats = enc.normalized_features(encoder, stats, images)
-        painted.update(zip(chunk, enc.reconstruct(decoder, feats, steps=steps, seed=start)))
-    return {"vae": judge(prompts, seeds, vae), "decoder": judge(prompts, seeds, painted)}
+        painted.update(
+            zip(chunk, enc.reconstruct(decoder, feats, steps=steps, seed=start, guidance=guidance))
+        )
+    return {
+        "vae": judge(prompts, seeds, vae),
+        "decoder": judge(prompts, seeds, painted),
+        "decoder_steps": steps,
+        "decoder_guidance": guidance,
+    }
 
 
 def to_table(result: dict) -> str:
     """Tasks as rows, the VAE and the decoder as columns."""
-    lines = [f"{'task':<15} {'vae':>6} {'decoder':>8}"]
+    lines = [f"decoder: {result['decoder_steps']} steps, guidance {result['decoder_guidance']} "
+             "against the zero negative", f"{'task':<15} {'vae':>6} {'decoder':>8}"]  # fmt: skip
     for task in (*TASKS, "overall"):
         lines.append(f"{task:<15} {result['vae'][task]:>6.3f} {result['decoder'][task]:>8.3f}")
     return "\n".join(lines)

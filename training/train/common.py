@@ -4,8 +4,11 @@ A stage is an objective module (its `forward(**batch)` returns `(loss, metrics)`
 function `make_batch(step, generator)`, an optional small `evaluate()` and a `StageSettings`. The
 loop here runs it: AdamW with linear warmup and cosine decay, a tqdm bar on rank 0, periodic
 evaluation, and atomic checkpoints (model + optimizer + step + fingerprint) that a later run
-resumes from. Every step draws its data and noise from generators seeded by (run seed, stage,
-step, rank), so a resumed run sees exactly the batches an uninterrupted one would have.
+resumes from. With `StageSettings.ema` the loop also keeps an exponential moving average of the
+trained weights (saved as the checkpoint's `ema`, evaluated beside the live weights with an `ema_`
+prefix, and what `final_weights` gives the later stages and the export). Every step draws its
+data and noise from generators seeded by (run seed, stage, step, rank), so a resumed run sees
+exactly the batches an uninterrupted one would have.
 
 Distributed: launched by `torchrun`, `WORLD_SIZE` > 1 selects DDP with the gloo backend (CPU);
 each rank draws its own scenes, rank 0 alone saves and logs.
@@ -13,6 +16,7 @@ each rank draws its own scenes, rank 0 alone saves and logs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -53,6 +57,7 @@ class StageSettings:
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 200
     grad_clip: float = 1.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: none)
 
     def scaled(self, scale: float) -> StageSettings:
         """The same settings with `steps` (and warmup) multiplied by `scale` (at least 1 step)."""
@@ -168,7 +173,7 @@ def run_loop(loop: Loop, d: Dist, *, resume: bool, stop_at: int | None = None) -
     params = [p for p in loop.objective.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, s))
-    start, saved = 0, {}
+    start, saved, state = 0, {}, {}
     if loop.path.exists():
         if not resume:
             raise ResumeError(
@@ -185,6 +190,7 @@ def run_loop(loop: Loop, d: Dist, *, resume: bool, stop_at: int | None = None) -
         loop.extra.update(state.get("extra", {}))
         log.info("%s: resuming at step %d/%d from %s", loop.name, start, s.steps, loop.path)
     end = s.steps if stop_at is None else min(s.steps, stop_at)
+    ema = EmaWeights(loop.modules, s.ema, state.get("ema") if start else None) if s.ema else None
     model = wrap(loop.objective, d)
     model.train()
     bar = tqdm(
@@ -203,6 +209,8 @@ def run_loop(loop: Loop, d: Dist, *, resume: bool, stop_at: int | None = None) -
             torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         optimizer.step()
         sched.step()
+        if ema is not None:
+            ema.update(step)
         metrics = {
             k: float(torch.as_tensor(v).detach()) for k, v in {"loss": loss, **metrics}.items()
         }
@@ -217,10 +225,13 @@ def run_loop(loop: Loop, d: Dist, *, resume: bool, stop_at: int | None = None) -
         ):
             loop.objective.eval()
             evals = loop.evaluate()
+            if ema is not None:
+                with ema.swapped():
+                    evals.update({f"ema_{k}": v for k, v in loop.evaluate().items()})
             loop.objective.train()
             log.info("%s step %d eval %s", loop.name, done_now, _fmt(evals))
         if last or done_now == end or done_now % s.save_every == 0:
-            _save(loop, optimizer, sched, done_now, d, {"train": metrics, "eval": evals})
+            _save(loop, optimizer, sched, done_now, d, {"train": metrics, "eval": evals}, ema)
     bar.close()
     seconds = time.time() - t0
     if d.main and end > start:
@@ -231,13 +242,70 @@ def run_loop(loop: Loop, d: Dist, *, resume: bool, stop_at: int | None = None) -
             "metrics": metrics, "eval": evals}  # fmt: skip
 
 
+class EmaWeights:
+    """An exponential moving average of the trainable parameters of a loop's saved modules.
+
+    The decay ramps up as min(decay, (1 + step) / (10 + step)), so early averages are not
+    dominated by the random initialization.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float, saved: dict | None) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.params = {
+            key: {n: p for n, p in m.named_parameters() if p.requires_grad}
+            for key, m in modules.items()
+        }
+        self.avg = {
+            key: {n: (saved or {}).get(key, {}).get(n, p.detach()).clone() for n, p in ps.items()}
+            for key, ps in self.params.items()
+        }
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for key, ps in self.params.items():
+            for n, p in ps.items():
+                self.avg[key][n].lerp_(p.detach(), 1.0 - decay)
+
+    def state(self) -> dict:
+        return {key: {n: t.clone() for n, t in avg.items()} for key, avg in self.avg.items()}
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The averaged weights in the live parameters for the duration of the block."""
+        live = self.state_of_params()
+        self._copy(self.avg)
+        try:
+            yield
+        finally:
+            self._copy(live)
+
+    def state_of_params(self) -> dict:
+        return {
+            key: {n: p.detach().clone() for n, p in ps.items()} for key, ps in self.params.items()
+        }
+
+    @torch.no_grad()
+    def _copy(self, source: dict) -> None:
+        for key, ps in self.params.items():
+            for n, p in ps.items():
+                p.copy_(source[key][n])
+
+
+def final_weights(state: dict, key: str) -> dict:
+    """A saved module's state dict, with its averaged weights where the loop kept an EMA."""
+    return {**state["model"][key], **state.get("ema", {}).get(key, {})}
+
+
 def _fmt(values: dict) -> str:
     return ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
     )
 
 
-def _save(loop: Loop, optimizer, sched, step: int, d: Dist, metrics: dict) -> None:
+def _save(loop: Loop, optimizer, sched, step: int, d: Dist, metrics: dict, ema=None) -> None:
     if d.main:
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -251,6 +319,8 @@ def _save(loop: Loop, optimizer, sched, step: int, d: Dist, metrics: dict) -> No
             "extra": loop.extra,
             "metrics": metrics,
         }
+        if ema is not None:
+            state["ema"] = ema.state()
         save_state(loop.path, state)
         with open(loop.path.with_suffix(".jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -293,11 +293,14 @@ def unet_batch(
 
 
 @torch.no_grad()
-def reconstruct(decoder: Decoder, features: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
-    """Images decoded from features with a zero negative (the decoder stage's check)."""
+def reconstruct(
+    decoder: Decoder, features: torch.Tensor, steps: int, seed: int, guidance: float = 1.0
+) -> torch.Tensor:
+    """Images decoded from features with a zero negative, the dropped condition the UNet was
+    trained with (guidance 1: the decoder stage's check; the sampler's guidance: the ceiling)."""
     noise = torch.randn(
         (features.shape[0], 4, decoder.config.latent_size, decoder.config.latent_size),
         generator=step_generator(seed, 0, 0, 0),
     )
     zeros = torch.zeros_like(features[:1])
-    return decoder.sample(features, zeros, noise, steps=steps, guidance=1.0)
+    return decoder.sample(features, zeros, noise, steps=steps, guidance=guidance)

@@ -52,6 +52,7 @@ def train(
     stat_images: int = 512,
     threads_after_decoder: int = 0,
     command: str = "",
+    force_gate: bool = False,
 ) -> dict:
     """Train the selected stages of the tiny model into `out`; returns per-stage results.
 
@@ -59,7 +60,7 @@ def train(
     loop at that step (checkpointed, resumable); `jobs=2` trains the understanding/generation chain
     in a second process (CLI defaults only) beside the encoder/decoder chain, and that process
     takes both cores once the decoder is done (`threads_after_decoder`); `command` is recorded in
-    `run.json`.
+    `run.json`; `force_gate` starts stage 2 even on a failed caption-reading gate.
     """
     d = init_distributed()
     base = {**DEFAULTS, **(settings or {})}
@@ -68,7 +69,7 @@ def train(
         settings={k: v.scaled(steps_scale) for k, v in base.items()},
         knobs={k: {**v, **(knobs or {}).get(k, {})} for k, v in KNOBS.items()}, stop_at=stop_at,
         evals=evals, wait_upstream_s=wait_upstream_s, stat_images=stat_images,
-        threads_after_decoder=threads_after_decoder,
+        threads_after_decoder=threads_after_decoder, force_gate=force_gate,
     )  # fmt: skip
     child = None
     if jobs not in (1, 2):
@@ -104,5 +105,6 @@ def _spawn_chain(run: Run, stages: list[str], steps_scale: float, command: str):
     ]  # fmt: skip
     args += ["--resume"] if run.resume else []
     args += [] if run.evals else ["--no-eval"]
+    args += ["--force-gate"] if run.force_gate else []
     log.info("training %s in a second process", ",".join(stages))
     return subprocess.Popen(args, env={**os.environ, "WORLD_SIZE": "1"})

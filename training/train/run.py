@@ -25,7 +25,15 @@ from training.model.blip3o import BLIP3o
 from training.model.decoder import Decoder
 from training.model.target_encoder import TargetEncoder
 from training.tokenizer import build_tiny_tokenizer
-from training.train.common import Dist, Loop, StageSettings, run_loop, scene_batch, step_generator
+from training.train.common import (
+    Dist,
+    Loop,
+    StageSettings,
+    final_weights,
+    run_loop,
+    scene_batch,
+    step_generator,
+)
 from training.train.state import flat_fingerprint, load_final
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,7 @@ class Run:
     wait_upstream_s: float = 0.0  # wait for a stage another process of the run is training
     stat_images: int = 512  # images for the feature and latent statistics
     threads_after_decoder: int = 0  # --jobs 2: threads to use once the decoder chain is done
+    force_gate: bool = False  # start stage 2 on a failed caption-reading gate
 
     def __post_init__(self) -> None:
         self.tokenizer = build_tiny_tokenizer()
@@ -112,7 +121,9 @@ def load_target_encoder(run: Run) -> tuple[TargetEncoder, dict]:
 def load_decoder(run: Run) -> Decoder:
     """The trained pixel decoder (standardized VAE + UNet), frozen."""
     decoder = Decoder(run.cfg.decoder)
-    decoder.load_state_dict(load_final(run.path("decoder_unet"), "this stage")["model"]["decoder"])
+    decoder.load_state_dict(
+        final_weights(load_final(run.path("decoder_unet"), "this stage"), "decoder")
+    )
     return decoder.eval().requires_grad_(False)
 
 
@@ -124,13 +135,15 @@ def decoder_ready(run: Run) -> bool:
 
 
 def load_model(run: Run, *, generation: bool) -> BLIP3o:
-    """BLIP3o with the stage-1 backbone (and, with `generation`, stage 2's queries + DiT)."""
+    """BLIP3o with the stage-1 backbone and queries (with `generation`, stage 2's queries + DiT)."""
     torch.manual_seed(run.seed)
     model = BLIP3o(run.cfg)
-    qwen = load_final(run.path("understanding"), "this stage")["model"]["qwen"]
-    model.qwen.load_state_dict(qwen)
+    stage1 = load_final(run.path("understanding"), "this stage")["model"]
+    model.qwen.load_state_dict(stage1["qwen"])
+    with torch.no_grad():  # the queries stage 1's caption rows trained
+        model.latent_queries.copy_(stage1["reading"]["queries"])
     if generation:
-        model.load_state_dict(load_final(run.path("generation"), "export")["model"]["model"])
+        model.load_state_dict(final_weights(load_final(run.path("generation"), "export"), "model"))
     return model.eval()
 
 

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from training.data.shapes import format_caption, sample_spec
 from training.flow import flow_matching_loss
 from training.model.blip3o import BLIP3o
 from training.model.decoder import Decoder
@@ -20,8 +21,9 @@ from training.model.target_encoder import TargetEncoder
 from training.train import encoders as enc
 from training.train.backbone import (
     GenerationObjective,
+    Stage1Objective,
     UnderstandingBatcher,
-    UnderstandingObjective,
+    caption_batch,
     conditioning,
     generation_prompt_batch,
 )
@@ -32,6 +34,7 @@ from training.train.common import (
     step_generator,
     step_rng,
 )
+from training.train.gate import format_gate, gate_run
 from training.train.run import (
     LOOP_INDEX,
     Run,
@@ -48,21 +51,32 @@ log = logging.getLogger(__name__)
 STAGES = ("target_encoder", "decoder", "understanding", "generation")
 # Two independent chains: with --jobs 2 they train concurrently (generation waits for the encoder).
 CHAINS = (("target_encoder", "decoder"), ("understanding", "generation"))
-# Loops and their default settings (scaled by --steps-scale): 46 min with --jobs 2 on 2
-# CPU cores: target encoder -> VAE -> UNet on one core, understanding -> generation on the other
-# (generation, the longest and most step-hungry loop, takes both cores once the UNet is done).
+# Loops and their default settings (scaled by --steps-scale), with --jobs 2 on 2 CPU cores:
+# target encoder -> VAE -> UNet on one core, understanding -> generation on the other (generation,
+# the longest and most step-hungry loop, takes both cores once the UNet is done). The DiT and the
+# UNet keep an EMA of their weights (what the checkpoint ships).
 DEFAULTS = {
-    "target_encoder": StageSettings(steps=1000, batch=64, lr=2e-3, warmup=50, eval_every=250),
+    "target_encoder": StageSettings(steps=1600, batch=64, lr=2e-3, warmup=50, eval_every=400),
     "decoder_vae": StageSettings(steps=1600, batch=16, lr=2e-3, warmup=40, eval_every=400),
-    "decoder_unet": StageSettings(steps=4000, batch=32, lr=2e-3, warmup=100, eval_every=1000),
-    "understanding": StageSettings(steps=1400, batch=32, lr=1e-3, warmup=100, eval_every=350),
-    "generation": StageSettings(steps=3400, batch=16, lr=1e-3, warmup=100, eval_every=850),
+    "decoder_unet": StageSettings(
+        steps=6000, batch=32, lr=2e-3, warmup=100, eval_every=1500, ema=0.999
+    ),
+    "understanding": StageSettings(steps=2400, batch=32, lr=1e-3, warmup=100, eval_every=600),
+    "generation": StageSettings(
+        steps=6000, batch=32, lr=1e-3, warmup=100, eval_every=1500, ema=0.999
+    ),
 }
 # Stage-specific knobs (part of each loop's fingerprint).
 KNOBS = {
     "decoder_vae": {"crop": 32, "kl_weight": 1e-6},
-    "decoder_unet": {"p_uncond": 0.1, "feature_noise": 0.1, "repeats": 4, "min_snr_gamma": 5.0},
-    "generation": {"repeats": 4, "query_init_std": 0.02},
+    "decoder_unet": {"p_uncond": 0.1, "feature_noise": 0.1, "repeats": 2, "min_snr_gamma": 5.0},
+    "understanding": {
+        "caption_rows": 16,
+        "caption_lm_weight": 1.0,
+        "caption_read_weight": 1.0,
+        "query_init_std": 0.02,
+    },
+    "generation": {"repeats": 2},
 }
 
 
@@ -174,14 +188,19 @@ def train_understanding(run: Run) -> dict:
     from training.eval.understanding import exact_match, make_questions
     from training.pipeline import ReferencePipeline
 
-    name = "understanding"
+    name, knobs = "understanding", run.knobs["understanding"]
     torch.manual_seed(run.seed)
     model = BLIP3o(run.cfg)
-    objective = UnderstandingObjective(model)
+    model.dit.requires_grad_(False)
+    init_queries(run, model)
+    objective = Stage1Objective(model, knobs["caption_lm_weight"], knobs["caption_read_weight"])
     batcher = UnderstandingBatcher(run.cfg, run.tokenizer)
 
     def batch(step: int) -> dict:
-        return batcher(run.scenes(name, step), step_rng(run.seed, 4, step, run.dist.rank))
+        chats = batcher(run.scenes(name, step), step_rng(run.seed, 4, step, run.dist.rank))
+        rng = step_rng(run.seed, 40, step, run.dist.rank)
+        captions = [format_caption(sample_spec(rng)) for _ in range(knobs["caption_rows"])]
+        return {**chats, **caption_batch(run.tokenizer, run.cfg, captions)} if captions else chats
 
     items = make_questions(seed=1, n=48)
 
@@ -190,24 +209,32 @@ def train_understanding(run: Run) -> dict:
         result = exact_match(lambda image, q: pipe.answer(image, q, max_new_tokens=24), items)
         return {"exact_match": result["accuracy"], **result["by_type"]}
 
+    modules = {"qwen": model.qwen, "reading": objective.reader}
     loop = Loop(
-        name, run.path(name), objective, {"qwen": model.qwen}, batch, run.settings[name],
+        name, run.path(name), objective, modules, batch, run.settings[name],
         run.fingerprint(name), evaluate,
     )  # fmt: skip
     return {name: run.run(loop)}
 
 
+def init_queries(run: Run, model: BLIP3o) -> None:
+    """The latent queries' start: N(0, std) at the token embeddings' scale (N(0, 1) ones would
+    swamp what the LM's attention brings in from the prompt)."""
+    with torch.no_grad():
+        g = step_generator(run.seed, LOOP_INDEX["generation"], 10**9, 0)
+        shape = model.latent_queries.shape
+        std = run.knobs["understanding"]["query_init_std"]
+        model.latent_queries.copy_(torch.randn(shape, generator=g) * std)
+
+
 def train_generation(run: Run) -> dict:
     name, knobs = "generation", run.knobs["generation"]
     encoder, stats = load_target_encoder(run)
-    model = load_model(run, generation=False)
+    model = load_model(run, generation=False)  # stage 1's backbone and queries
     model.qwen.requires_grad_(False)
-    # Queries at the token embeddings' scale: N(0, 1) ones would swamp what the frozen LM's
-    # attention brings in from the prompt, leaving the DiT a nearly prompt-independent condition.
-    with torch.no_grad():
-        g = step_generator(run.seed, LOOP_INDEX[name], 10**9, 0)
-        shape = model.latent_queries.shape
-        model.latent_queries.copy_(torch.randn(shape, generator=g) * knobs["query_init_std"])
+    if run.dist.main and not run.path(name).exists():  # before stage 2's first step
+        report = gate_run(model, run.tokenizer, run.out, force=run.force_gate)
+        log.info("caption-reading gate:\n%s", format_gate(report))
     objective = GenerationObjective(model, knobs["repeats"])
 
     def batch(step: int) -> dict:
