@@ -38,12 +38,12 @@ KNOBS = {"generation": {"repeats": 2}, "decoder_vae": {"crop": 16}}
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
-    """Every stage for 2 steps on tiny batches (evaluations off)."""
+    """Every stage for 2 steps on tiny batches (evaluations off; stage 2 forced past the gate)."""
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("run")
     results = train(
         out=out, stages=list(STAGES), settings=tiny_settings(), knobs=KNOBS, evals=False,
-        stat_images=16, command="pytest",
+        stat_images=16, command="pytest", force_gate=True,
     )  # fmt: skip
     return out, results
 
@@ -59,6 +59,32 @@ def test_every_stage_trains_and_records(smoke_run):
     assert set(record["stages"]) == set(STAGES) and record["command"] == "pytest"
     stats = torch.load(out / "target_encoder.pt", weights_only=False)["extra"]["feature_stats"]
     assert len(stats["mean"]) == len(stats["std"]) == 32
+    gate = json.loads((out / "gate.json").read_text())  # probed before stage 2's first step
+    assert {"shape_vs_color", "shape_probe", "passed"} <= set(gate)
+    assert gate["forced"] is (not gate["passed"])
+    assert "reading" in torch.load(out / "understanding.pt", weights_only=False)["model"]
+    ema = torch.load(out / "generation.pt", weights_only=False)["ema"]["model"]
+    assert "latent_queries" in ema and not any(k.startswith("qwen.") for k in ema)
+
+
+def test_stage2_refuses_a_backbone_that_fails_the_gate(smoke_run, tmp_path, monkeypatch):
+    import shutil
+
+    from training.__main__ import main
+    from training.train import gate
+
+    real = gate.probe
+    monkeypatch.setattr(gate, "probe", lambda *a, **k: {**real(*a, **k), "shape_probe": 0.5})
+    run, _ = smoke_run
+    for name in ("target_encoder.pt", "understanding.pt"):
+        shutil.copy(run / name, tmp_path / name)
+    with pytest.raises(gate.GateError, match="fails the gate before stage 2"):
+        train(out=tmp_path, stages=["generation"], settings=tiny_settings(), knobs=KNOBS,
+              evals=False, resume=True)  # fmt: skip
+    assert not (tmp_path / "generation.pt").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["gate", "--run", str(tmp_path), "--threads", "1"])
+    assert exit_info.value.code == 1
 
 
 def test_export_loads_through_load_pipeline_and_evaluates(smoke_run, tmp_path):
@@ -226,9 +252,10 @@ def test_decoder_ceiling_judges_oracle_scenes(smoke_run):
     from training.train.common import images_tensor
 
     out, _ = smoke_run
-    result = decoder_ceiling(out, per_task=1, seeds=(0,), decoder_steps=2)
-    assert set(result) == {"vae", "decoder"}
-    for scores in result.values():
+    result = decoder_ceiling(out, per_task=1, seeds=(0,), decoder_steps=2, decoder_guidance=3.0)
+    assert set(result) == {"vae", "decoder", "decoder_steps", "decoder_guidance"}
+    assert (result["decoder_steps"], result["decoder_guidance"]) == (2, 3.0)
+    for scores in (result["vae"], result["decoder"]):
         assert set(scores) == {*TASKS, "overall"}
         assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert "overall" in to_table(result)

@@ -105,13 +105,18 @@ def eval_command(
     return report
 
 
-def ceiling_command(*, run: Path, per_task: int, out: Path | None, threads: int) -> dict:
+def ceiling_command(
+    *, run: Path, per_task: int, out: Path | None, threads: int,
+    decoder_steps: int | None = None, decoder_guidance: float | None = None,
+) -> dict:  # fmt: skip
     import json
 
     from training.train.ceiling import decoder_ceiling, to_table
 
     torch.set_num_threads(threads)
-    result = decoder_ceiling(run, per_task=per_task)
+    result = decoder_ceiling(
+        run, per_task=per_task, decoder_steps=decoder_steps, decoder_guidance=decoder_guidance
+    )
     print(to_table(result))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--run", type=Path, required=True, help="run folder with a finished decoder")
     p.add_argument("--per-task", type=int, default=25, help="mini-GenEval prompts per task")
+    p.add_argument("--decoder-steps", type=int, default=None, help="default: the sampler's")
+    p.add_argument("--decoder-guidance", type=float, default=None, help="default: the sampler's")
     p.add_argument("--out", type=Path, default=None, help="also write the scores as JSON here")
     p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -202,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export-checkpoint":
         print(export_command(run=args.run, out=args.out))
     elif args.command == "decoder-ceiling":
-        ceiling_command(run=args.run, per_task=args.per_task, out=args.out, threads=args.threads)
+        ceiling_command(run=args.run, per_task=args.per_task, out=args.out, threads=args.threads,
+                        decoder_steps=args.decoder_steps,
+                        decoder_guidance=args.decoder_guidance)  # fmt: skip
     else:
         names = ("steps", "guidance", "decoder_steps", "decoder_guidance")
         eval_command(checkpoint=args.checkpoint, per_task=args.per_task, questions=args.questions,
