@@ -95,7 +95,8 @@ def test_export_loads_through_load_pipeline_and_evaluates(smoke_run, tmp_path):
     ckpt = tmp_path / "ckpt"
     main(["export-checkpoint", "--run", str(run), "--out", str(ckpt)])
     assert (ckpt / "diffusion-decoder" / "unet").is_dir() and (ckpt / "tokenizer.json").is_file()
-    assert "python -m training" in (ckpt / "MODEL_CARD.md").read_text()
+    card = (ckpt / "MODEL_CARD.md").read_text()
+    assert "python -m training" in card and "Caption-reading gate before stage 2" in card
     pipe = load_pipeline(ckpt)
     image = pipe.generate("a red circle", seed=0, steps=2, decoder_steps=2)
     assert np.asarray(image).shape == (64, 64, 3)

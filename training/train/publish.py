@@ -16,6 +16,7 @@ from pathlib import Path
 from training.checkpoint import save_model
 from training.config import from_preset
 from training.train.common import Dist
+from training.train.gate import GATE_FILE
 from training.train.run import Run, load_decoder, load_model
 from training.train.stages import DEFAULTS, KNOBS
 
@@ -48,12 +49,28 @@ def export_checkpoint(run_dir: str | Path, out: str | Path) -> Path:
     model = load_model(run, generation=True)
     decoder = load_decoder(run)
     folder = save_model(model, out, tokenizer=run.tokenizer, decoder=decoder)
-    (folder / CARD).write_text(model_card(record, folder))
+    gate_path = run_dir / GATE_FILE
+    gate = json.loads(gate_path.read_text()) if gate_path.is_file() else None
+    (folder / CARD).write_text(model_card(record, folder, gate))
     log.info("exported %s to %s", run_dir, folder)
     return folder
 
 
-def model_card(record: dict, folder: Path) -> str:
+def gate_section(gate: dict | None) -> str:
+    """The caption-reading gate stage 2 started on (`<run>/gate.json`), for the card."""
+    if gate is None:
+        return "No gate report in the run folder (trained before the gate existed)."
+    verdict = "passed" if gate["passed"] else ("FAILED, forced" if gate.get("forced") else "FAILED")
+    return (
+        "Caption-reading gate before stage 2 (`python -m training gate`): shape/color separation "
+        f"{gate['shape_vs_color']:.3f} (target >= 0.3), relation/color "
+        f"{gate['relation_vs_color']:.3f}, count/color {gate['count_vs_color']:.3f}, "
+        f"mean-condition shape probe {gate['shape_probe']:.3f} (target >= 0.9, chance "
+        f"{gate['shape_probe_chance']:.2f}): {verdict}."
+    )
+
+
+def model_card(record: dict, folder: Path, gate: dict | None = None) -> str:
     stages = record.get("stages", {})
     revisions = sorted({s["git_revision"] for s in stages.values()})
     rows = []
@@ -85,6 +102,8 @@ in the work tree), seed {record.get("seed")}, steps scale {record.get("steps_sca
 | stage | loop | steps | batch | lr | wall s |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+{gate_section(gate)}
 
 Feature convention: the DiT generates, and the decoder reads, target-encoder tokens standardized
 per channel with statistics of the training images (kept in the run's `target_encoder.pt`); the

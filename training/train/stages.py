@@ -59,11 +59,11 @@ DEFAULTS = {
     "target_encoder": StageSettings(steps=1600, batch=64, lr=2e-3, warmup=50, eval_every=400),
     "decoder_vae": StageSettings(steps=1600, batch=16, lr=2e-3, warmup=40, eval_every=400),
     "decoder_unet": StageSettings(
-        steps=6000, batch=32, lr=2e-3, warmup=100, eval_every=1500, ema=0.999
+        steps=4000, batch=32, lr=2e-3, warmup=100, eval_every=1000, ema=0.999
     ),
     "understanding": StageSettings(steps=2400, batch=32, lr=1e-3, warmup=100, eval_every=600),
     "generation": StageSettings(
-        steps=6000, batch=32, lr=1e-3, warmup=100, eval_every=1500, ema=0.999
+        steps=3200, batch=32, lr=1e-3, warmup=100, eval_every=800, ema=0.999
     ),
 }
 # Stage-specific knobs (part of each loop's fingerprint).
