@@ -3,6 +3,9 @@ runtime, for several engine folders side by side (e.g. fp32 vs INT8/FP8 Q/DQ).
 
     python benchmarks/quality.py --engines engines/tiny-fp32 engines/tiny-int8 --per-task 25
 
+`--prompt TEXT` (default: the README's example) is also judged on its own, seeds 0-3, as the
+mini-GenEval task its caption form belongs to (a relation caption: position).
+
 The judge is the shapes-world evaluator of `training/eval` (numpy only); generation and answers
 come from `runtime.Generator`, so this measures the engines users ship. Writes JSON and prints a
 table with each folder's overall delta against the first folder.
@@ -20,31 +23,50 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.generator import Generator  # noqa: E402
-from training.eval.geneval import TASKS, evaluate, make_prompts  # noqa: E402
+from training.data.shapes import parse_caption  # noqa: E402
+from training.eval.geneval import TASKS, check, evaluate, make_prompts  # noqa: E402
 from training.eval.understanding import exact_match, make_questions  # noqa: E402
 
+README_PROMPT = "a red circle to the left of a blue square"
+PROMPT_SEEDS = (0, 1, 2, 3)
+FORM_TASK = {"relation": "position", "pair": "color_attr", "count": "counting"}
 
-def measure(folder: Path, *, per_task: int, questions: int, threads: int | None) -> dict:
+
+def prompt_task(prompt: str) -> tuple[str, dict]:
+    """The mini-GenEval task a caption is judged as, and its parsed spec."""
+    spec = parse_caption(prompt)
+    if spec["form"] == "single":
+        return ("colors" if spec["objects"][0][0] else "single_object"), spec
+    return FORM_TASK[spec["form"]], spec
+
+
+def measure(
+    folder: Path, *, per_task: int, questions: int, threads: int | None,
+    prompt: str = README_PROMPT,
+) -> dict:  # fmt: skip
     options = {"threads": threads} if threads else None
+    task, spec = prompt_task(prompt)
     start = time.perf_counter()
     with Generator.from_dir(folder, session_options=options) as gen:
         result = evaluate(lambda p, s: gen.generate(p, seed=s)[0], make_prompts(0, per_task))
         understanding = exact_match(
             lambda image, q: gen.answer(image, q, max_new_tokens=24), make_questions(0, questions)
         )
+        passed = [check(task, spec, gen.generate(prompt, seed=s)[0]) for s in PROMPT_SEEDS]
     result.pop("records")
     return {
         "engines": str(folder),
         "precision": gen.precision,
         "geneval": result,
         "understanding": understanding,
+        "prompt": {"text": prompt, "task": task, "seeds": list(PROMPT_SEEDS), "passed": passed},
         "seconds": time.perf_counter() - start,
     }
 
 
 def table(rows: list[dict]) -> str:
     head = f"{'engines':<28}" + "".join(f"{t[:9]:>10}" for t in TASKS) + f"{'overall':>9}"
-    lines = [head + f"{'delta':>8}{'answer':>8}"]
+    lines = [head + f"{'delta':>8}{'answer':>8}{'prompt':>8}"]
     base = rows[0]["geneval"]["overall"]
     for r in rows:
         g = r["geneval"]
@@ -53,7 +75,10 @@ def table(rows: list[dict]) -> str:
             + "".join(f"{g[t]:>10.3f}" for t in TASKS)
             + f"{g['overall']:>9.3f}{g['overall'] - base:>+8.3f}"
             + f"{r['understanding']['accuracy']:>8.3f}"
+            + f"{sum(r['prompt']['passed']):>6d}/{len(r['prompt']['passed'])}"
         )
+    lines.append(f"prompt: {rows[0]['prompt']['text']!r} judged as {rows[0]['prompt']['task']}, "
+                 f"seeds {rows[0]['prompt']['seeds']}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -63,8 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-task", type=int, default=25, help="mini-GenEval prompts per task")
     parser.add_argument("--questions", type=int, default=200, help="held-out questions")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--prompt", default=README_PROMPT, help="a caption also judged alone, seeds 0-3"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     args = parser.parse_args(argv)
+    try:
+        prompt_task(args.prompt)
+    except ValueError as exc:
+        print(f"error: --prompt: {exc}", file=sys.stderr)
+        return 2
     missing = [str(f) for f in args.engines if not (f / "manifest.json").is_file()]
     if missing:
         print(
@@ -74,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     rows = [
-        measure(f, per_task=args.per_task, questions=args.questions, threads=args.threads)
+        measure(
+            f,
+            per_task=args.per_task,
+            questions=args.questions,
+            threads=args.threads,
+            prompt=args.prompt,
+        )  # fmt: skip
         for f in args.engines
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -211,5 +211,9 @@ def test_quality_through_the_runtime(tiny_engine_dir, tmp_path, capsys):
     assert quality.main([*args, "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert 0 <= row["geneval"]["overall"] <= 1 and row["understanding"]["n"] == 3
+    assert row["prompt"]["task"] == "position" and len(row["prompt"]["passed"]) == 4
     assert "overall" in capsys.readouterr().out
     assert quality.main(["--engines", str(tmp_path / "none")]) == 2
+    assert quality.main(["--engines", str(tiny_engine_dir), "--prompt", "a red blob"]) == 2
+    assert quality.prompt_task("two red squares")[0] == "counting"
+    assert quality.prompt_task("a square")[0] == "single_object"
