@@ -63,7 +63,7 @@ DEFAULTS = {
     ),
     "understanding": StageSettings(steps=2400, batch=32, lr=1e-3, warmup=100, eval_every=600),
     "generation": StageSettings(
-        steps=3200, batch=32, lr=1e-3, warmup=100, eval_every=800, ema=0.999
+        steps=1800, batch=32, lr=1e-3, warmup=100, eval_every=600, ema=0.999
     ),
 }
 # Stage-specific knobs (part of each loop's fingerprint).
