@@ -37,7 +37,7 @@ from runtime.manifest import (
     verify_file,
 )
 from runtime.probe import ort_facts
-from runtime.sessions import BACKENDS, open_session
+from runtime.sessions import backends, open_session
 from runtime.spec import numpy_dtype
 from runtime.text import PromptEncoder
 from runtime.understanding import AnswerParams, TokenJob, answer_tokens
@@ -50,8 +50,9 @@ _WARNED: set[str] = set()
 def _check_backend(manifest: dict, backend: str, device: str) -> None:
     """Fail in one line before any session opens: an unknown backend, no (or the wrong) ONNX
     Runtime, a folder precision its device cannot run (the rules `runtime doctor` reports)."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend not in backends():
+        hint = "; 'torch' needs `import export.torch_backend` first" if backend == "torch" else ""
+        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(backends())}{hint}")
     if backend == "onnxruntime":
         ort = ort_facts()
         for problem in environment_problems(ort) if ort.version else ():
