@@ -37,10 +37,10 @@ from runtime.manifest import (
     verify_file,
 )
 from runtime.probe import ort_facts
-from runtime.sessions import BACKENDS, open_session
+from runtime.sessions import backends, open_session
 from runtime.spec import numpy_dtype
 from runtime.text import PromptEncoder
-from runtime.understanding import answer_tokens
+from runtime.understanding import AnswerParams, TokenJob, answer_tokens
 
 log = logging.getLogger(__name__)
 NEGATIVE_FILE = "negative_features.npy"
@@ -50,8 +50,9 @@ _WARNED: set[str] = set()
 def _check_backend(manifest: dict, backend: str, device: str) -> None:
     """Fail in one line before any session opens: an unknown backend, no (or the wrong) ONNX
     Runtime, a folder precision its device cannot run (the rules `runtime doctor` reports)."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend not in backends():
+        hint = "; 'torch' needs `import export.torch_backend` first" if backend == "torch" else ""
+        raise UserError(f"unknown backend {backend!r}; valid: {', '.join(backends())}{hint}")
     if backend == "onnxruntime":
         ort = ort_facts()
         for problem in environment_problems(ort) if ort.version else ():
@@ -132,6 +133,7 @@ class Generator:
             )
         self.session_options = dict(session_options or {})
         self._sessions: dict = {}
+        self._device = None  # TensorRT: the stream and activation pool the sessions share
         self._negative: np.ndarray | None = None
         self._lock = threading.RLock()
         self._jobs: weakref.WeakSet[GenerationJob] = weakref.WeakSet()  # started, not finished
@@ -194,13 +196,11 @@ class Generator:
                 path = self.folder
             else:
                 path = file_path(self.folder, entry)
+            options = dict(self.session_options)
+            if self.backend == "tensorrt":  # one stream and activation pool for all sessions
+                options.setdefault("shared", self._shared_device())
             self._sessions[name] = open_session(
-                spec,
-                path,
-                self.backend,
-                device=self.device,
-                precision=self.precision,
-                **self.session_options,
+                spec, path, self.backend, device=self.device, precision=self.precision, **options
             )
         return self._sessions[name]
 
@@ -215,10 +215,20 @@ class Generator:
         if self.low_memory and not self._jobs:
             self.close()  # sessions kept open for overlapping jobs go once the last one ends
 
+    def _shared_device(self):
+        if self._device is None:
+            from runtime.sessions.tensorrt import SharedDevice
+
+            self._device = SharedDevice(self.device)
+        return self._device
+
     def close(self) -> None:
         for s in self._sessions.values():
             s.close()
         self._sessions.clear()
+        if self._device is not None:  # after its sessions; a later session opens a new one
+            self._device.close()
+            self._device = None
 
     def __enter__(self) -> Generator:
         return self
@@ -359,6 +369,22 @@ class Generator:
                     progress(job)
             return job.result()
 
+    def start_answer(
+        self,
+        image,
+        question: str,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> TokenJob:
+        """A caller-driven answer: `job.generate_next_token()` until `job.done`, then
+        `job.text()` and `job.finish_reason`. Greedy unless `temperature` > 0."""
+        with self._lock:
+            params = AnswerParams(max_new_tokens, temperature, top_p, seed)
+            return TokenJob(self, image, question, params)
+
     def answer(
         self,
         image,
@@ -366,9 +392,19 @@ class Generator:
         *,
         max_new_tokens: int = 32,
         stream: Callable[[str], None] | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
     ) -> str:
-        """Image understanding with greedy decoding; `stream` receives text as it is decoded."""
+        """Image understanding (greedy by default); `stream` receives text as it is decoded."""
         with self._lock:
             return answer_tokens(
-                self, image, question, max_new_tokens=max_new_tokens, stream=stream
+                self,
+                image,
+                question,
+                max_new_tokens=max_new_tokens,
+                stream=stream,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
             )

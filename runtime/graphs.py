@@ -4,7 +4,7 @@
 |---------------|--------------------------------------------------------------|---------------|
 | `vision`      | Qwen2.5-VL ViT on window-ordered patches -> merged embeds    | understanding |
 | `prefill`     | text decoder over input embeddings -> hidden, logits, KV     | both          |
-| `decode`      | one token's embedding + past KV -> logits, KV                | understanding |
+| `decode`      | one token + a fixed-capacity KV cache (read only) -> logits, its K/V row | understanding |
 | `dit`         | NextDiT velocity on the CFG batch                            | generation    |
 | `dit_step`    | CFG batch + DiT + guidance + flow Euler update, fused        | generation    |
 | `unet`        | decoder UNet epsilon on the CFG batch                        | generation    |
@@ -69,7 +69,7 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
         d.max_patches // d.merge_unit,
     )
     seq = Dim("seq", 1, d.opt_prompt, d.max_prompt)
-    past = Dim("past", 1, d.opt_prompt, d.max_seq - 1)
+    capacity = Dim("capacity", 2, min(d.max_seq, 2 * d.opt_prompt), d.max_seq)
     text_batch = Dim("text_batch", 1, 1, d.max_images)
     kv = (d.num_layers, "text_batch", d.num_kv_heads)
     c, s = d.feature_width, d.feature_side
@@ -109,15 +109,16 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
             inputs=(
                 TensorSpec("inputs_embeds", F, ("text_batch", 1, d.hidden)),
                 TensorSpec("position_ids", "int64", (3, "text_batch", 1), low=0, high=d.max_seq),
-                TensorSpec("past_keys", F, (*kv, "past", d.head_dim)),
-                TensorSpec("past_values", F, (*kv, "past", d.head_dim)),
+                TensorSpec("cache_keys", F, (*kv, "capacity", d.head_dim)),
+                TensorSpec("cache_values", F, (*kv, "capacity", d.head_dim)),
+                TensorSpec("cache_position", "int64", one, low=1, high="capacity"),
             ),
             outputs=(
                 TensorSpec("logits", F, ("text_batch", d.vocab_size)),
-                TensorSpec("present_keys", F, (*kv, "past+1", d.head_dim)),
-                TensorSpec("present_values", F, (*kv, "past+1", d.head_dim)),
+                TensorSpec("new_keys", F, (*kv, 1, d.head_dim)),
+                TensorSpec("new_values", F, (*kv, 1, d.head_dim)),
             ),
-            dims=(text_batch, past),
+            dims=(text_batch, capacity),
         ),
         GraphSpec(
             "dit",

@@ -1,14 +1,29 @@
-"""Image understanding: vision graph -> prefill with merged image embeddings -> greedy decode.
+"""Image understanding as a caller-driven token job: vision -> prefill -> one decode per token.
+
+    job = gen.start_answer(image, "Describe the image.", max_new_tokens=32)
+    while not job.done:
+        job.generate_next_token()
+    print(job.text(), job.finish_reason)          # "eos", "length" or "cache_full"
 
 Host side: Qwen2.5-VL preprocessing, window-ordered vision feeds, the chat prompt with one
 `<|image_pad|>` per merged patch token, M-RoPE position ids (3 rows) and their decode deltas,
-token embedding lookups and the argmax. The KV cache passes from `prefill` to `decode` and from
-each decode step to the next as the sessions' arrays.
+token embedding lookups and the sampler (greedy by default; temperature / top-p from a seeded
+generator per job).
+
+KV cache: each job owns one preallocated cache of `(L, 1, KV, capacity, D)` keys and values,
+sized once for its prompt and `max_new_tokens` (at most the decode graph's capacity). Prefill's
+keys/values are written into its first rows; each decode step reads the cache in place and
+returns only the new token's row, which the job writes at the next position: a token costs
+O(1) copies, whatever the context length. The cache lives where the backend's sessions read it
+(`session.kv_cache`: device buffers bound by address on TensorRT; host arrays otherwise).
+Since a job owns its cache and copies what it needs out of every session call, any number of
+jobs may be open and stepped interleaved.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,64 +111,241 @@ def prepare_image(gen, image) -> tuple[np.ndarray, np.ndarray]:
     return feeds, grid
 
 
-def answer_tokens(
-    gen, image, question: str, *, max_new_tokens: int, stream: Callable[[str], None] | None
-) -> str:
-    max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
-    question = checks.text("question", question)
-    b = gen.config["backbone"]
-    feeds, grid = prepare_image(gen, image)
-    vision = gen.session("vision")
-    image_embeds = vision.to_host(vision.run(feeds)["image_embeds"]).astype(np.float32)
-    gen.release("vision")
-    ids = gen.prompts.chat_ids(question, image_embeds.shape[0])
-    limit = graph_spec(gen.manifest, "prefill").dim("seq").max
-    if len(ids) > limit:
-        raise UserError(f"question + image are {len(ids)} tokens; the prefill takes {limit}")
-    embeds = gen.embed(ids)  # (S, H)
-    embeds[ids == b["image_token_id"]] = image_embeds
-    positions, deltas = rope_index(
-        ids[None],
-        grid,
-        image_token_id=b["image_token_id"],
-        vision_start_token_id=b["vision_start_token_id"],
-        spatial_merge_size=b["vision"]["spatial_merge_size"],
-    )
-    prefill = gen.session("prefill")
-    out = prefill.run(
-        {"inputs_embeds": embeds[None].astype(gen.io_dtype), "position_ids": positions}
-    )
-    logits = prefill.to_host(out["logits"])
-    keys, values = out["present_keys"], out["present_values"]
-    gen.release("prefill")
-    max_seq = graph_spec(gen.manifest, "decode").dim("past").max
-    decode = gen.session("decode")
-    tokens: list[int] = []
-    text = ""
-    past = len(ids)
-    for _ in range(max_new_tokens):
-        checks.finite("the answer's logits", logits, "check the engine folder")
-        token = int(np.argmax(logits[0]))
-        if token == b["eos_token_id"]:
-            break
-        tokens.append(token)
-        if stream is not None:
-            new_text = gen.prompts.decode(tokens)
-            if len(new_text) > len(text):
-                stream(new_text[len(text) :])
-            text = new_text
-        if past >= max_seq or len(tokens) == max_new_tokens:
-            break
+FINISH_REASONS = ("eos", "length", "cache_full")
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass(frozen=True)
+class AnswerParams:
+    """Sampling options of a token job: greedy when `temperature` is 0 (the default)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> AnswerParams:
+        return replace(
+            self,
+            max_new_tokens=checks.integer("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS),
+            temperature=checks.number("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
+            top_p=checks.number("top_p", self.top_p, 0.0, 1.0),
+            seed=checks.integer("seed", self.seed, 0, 2**63 - 1),
+        )
+
+
+def sample_token(logits: np.ndarray, params: AnswerParams, rng: np.random.Generator) -> int:
+    """The next token from (vocab,) logits: argmax at temperature 0, else a draw from the
+    softmax at that temperature restricted to the smallest top-p nucleus (at least 1 token)."""
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / params.temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(probs[order]), params.top_p)) + 1  # tokens to keep
+    nucleus = order[: min(keep, len(order))]
+    p = probs[nucleus] / probs[nucleus].sum()
+    return int(nucleus[rng.choice(len(nucleus), p=p)])
+
+
+class HostKVCache:
+    """A token job's KV cache as host arrays: what ONNX Runtime on CPU (and any backend without
+    its own `kv_cache`) reads without a copy. `write` takes the backend's arrays."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, to_host) -> None:
+        self.keys = np.zeros(shape, dtype)  # (L, B, KV, C, D)
+        self.values = np.zeros(shape, dtype)
+        self.capacity, self._to_host = shape[3], to_host
+
+    def write(self, start: int, keys, values) -> None:
+        """Rows start.. of the cache from (L, B, KV, n, D) keys / values."""
+        keys, values = self._to_host(keys), self._to_host(values)
+        self.keys[..., start : start + keys.shape[3], :] = keys
+        self.values[..., start : start + values.shape[3], :] = values
+
+    def close(self) -> None:
+        self.keys = self.values = None
+
+
+class TokenJob:
+    """One answer, advanced by `generate_next_token()` (the first call runs vision and prefill).
+
+    `done` / `is_done()`, `finish_reason` ("eos", "length", "cache_full"), `tokens` (the answer's
+    ids, eos excluded), `text()`, `cancel()` (frees the cache), `result()` (the text, to the end).
+    """
+
+    def __init__(self, gen, image, question: str, params: AnswerParams) -> None:
+        self.gen, self.params = gen, params.validate()
+        self.question = checks.text("question", question)
+        self.feeds, self.grid = prepare_image(gen, image)  # preprocessing errors surface here
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self._rng = np.random.default_rng(self.params.seed)
+        self._cache = self._logits = self._deltas = None
+        self._position = 0  # cache rows filled = the next token's row
+        self._pending: int | None = None  # sampled, not yet fed through decode
+        gen._jobs.add(self)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def is_done(self) -> bool:
+        return self.done
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._cache is None else self._cache.capacity
+
+    def text(self) -> str:
+        return self.gen.prompts.decode(self.tokens).strip()
+
+    def generate_next_token(self) -> int:
+        """Run the next session call and sample one token; returns its id (eos included)."""
+        with self.gen._lock:
+            if self.done:
+                raise RuntimeError(f"this answer is finished ({self.finish_reason}); call text()")
+            try:
+                if self._logits is None:
+                    self._prefill()
+                elif self._pending is not None:
+                    self._feed(self._pending)
+                    self._pending = None
+                token = self._sample()
+            except BaseException:
+                self._finish("error")
+                raise
+            return token
+
+    def append_tokens(self, ids) -> None:
+        """Feed token ids after the answer so far (e.g. a follow-up turn); the next token is
+        sampled after them. Each id is one decode step into this job's cache."""
+        ids = [checks.integer("token id", t, 0, self.gen.embeddings.shape[0] - 1) for t in ids]
+        with self.gen._lock:
+            if self.done:
+                raise RuntimeError(f"this answer is finished ({self.finish_reason})")
+            if self._logits is None:
+                self._prefill()
+            for token in ([self._pending] if self._pending is not None else []) + ids:
+                if self._position >= self.capacity:
+                    raise UserError(
+                        f"the KV cache is full ({self.capacity} rows); append fewer tokens"
+                    )
+                self._feed(token)
+            self._pending = None
+
+    def result(self) -> str:
+        while not self.done:
+            self.generate_next_token()
+        return self.text()
+
+    def cancel(self) -> None:
+        with self.gen._lock:
+            if not self.done:
+                self._finish("cancelled")
+
+    # steps ----------------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        gen, b = self.gen, self.gen.config["backbone"]
+        vision = gen.session("vision")
+        image_embeds = vision.to_host(vision.run(self.feeds)["image_embeds"]).astype(np.float32)
+        gen.release("vision")
+        ids = gen.prompts.chat_ids(self.question, image_embeds.shape[0])
+        limit = graph_spec(gen.manifest, "prefill").dim("seq").max
+        if len(ids) > limit:
+            raise UserError(f"question + image are {len(ids)} tokens; the prefill takes {limit}")
+        embeds = gen.embed(ids)  # (S, H)
+        embeds[ids == b["image_token_id"]] = image_embeds
+        positions, self._deltas = rope_index(
+            ids[None],
+            self.grid,
+            image_token_id=b["image_token_id"],
+            vision_start_token_id=b["vision_start_token_id"],
+            spatial_merge_size=b["vision"]["spatial_merge_size"],
+        )
+        prefill = gen.session("prefill")
+        out = prefill.run(
+            {"inputs_embeds": embeds[None].astype(gen.io_dtype), "position_ids": positions}
+        )
+        self._logits = prefill.to_host(out["logits"])[0]  # (vocab,)
+        spec = graph_spec(gen.manifest, "decode")
+        keys = spec.tensor("cache_keys")  # (L, B, KV, capacity, D)
+        most = spec.dim("capacity").max
+        capacity = min(most, max(len(ids) + self.params.max_new_tokens - 1, 2))
+        if len(ids) < capacity:  # room for at least one decode step
+            decode = gen.session("decode")
+            shape = (keys.shape[0], 1, keys.shape[2], capacity, keys.shape[4])
+            make = getattr(decode, "kv_cache", None)
+            self._cache = (
+                make(shape, gen.io_dtype)
+                if make is not None
+                else HostKVCache(shape, gen.io_dtype, prefill.to_host)
+            )
+            self._cache.write(0, out["present_keys"], out["present_values"])  # copied out
+        gen.release("prefill")  # after the copy: nothing of the job points into its buffers
+        self._position = len(ids)
+
+    def _feed(self, token: int) -> None:
+        gen, cache = self.gen, self._cache
+        decode = gen.session("decode")
         out = decode.run(
             {
                 "inputs_embeds": gen.embed(np.array([token]))[None].astype(gen.io_dtype),
-                "position_ids": decode_position_ids(past, deltas, 1),
-                "past_keys": keys,
-                "past_values": values,
+                "position_ids": decode_position_ids(self._position, self._deltas, 1),
+                "cache_keys": cache.keys,
+                "cache_values": cache.values,
+                "cache_position": np.array([self._position], np.int64),
             }
         )
-        logits = decode.to_host(out["logits"])
-        keys, values = out["present_keys"], out["present_values"]
-        past += 1
-    gen.release("decode")
-    return gen.prompts.decode(tokens).strip()
+        self._logits = decode.to_host(out["logits"])[0]  # (vocab,)
+        cache.write(self._position, out["new_keys"], out["new_values"])  # one row, in place
+        self._position += 1
+
+    def _sample(self) -> int:
+        checks.finite("the answer's logits", self._logits, "check the engine folder")
+        token = sample_token(self._logits, self.params, self._rng)
+        if token == self.gen.config["backbone"]["eos_token_id"]:
+            self._finish("eos")
+            return token
+        self.tokens.append(token)
+        if len(self.tokens) == self.params.max_new_tokens:
+            self._finish("length")
+        elif self._position >= self.capacity:  # no row left for this token
+            self._finish("cache_full")
+        else:
+            self._pending = token
+        return token
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        self.gen.release("decode")
+        self.gen._job_finished(self)
+
+
+def answer_tokens(
+    gen,
+    image,
+    question: str,
+    *,
+    max_new_tokens: int,
+    stream: Callable[[str], None] | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """A whole answer through one `TokenJob`; `stream` receives the text as it grows."""
+    params = AnswerParams(max_new_tokens, temperature, top_p, seed)
+    job = TokenJob(gen, image, question, params)
+    text = ""
+    while not job.done:
+        job.generate_next_token()
+        if stream is not None and job.tokens:
+            new_text = gen.prompts.decode(job.tokens)
+            if len(new_text) > len(text):
+                stream(new_text[len(text) :])
+            text = new_text
+    return job.text()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from runtime.graphs import RUNTIME_GRAPHS
 
@@ -30,6 +29,8 @@ def tiny_pipeline(tiny_config, tiny_tokenizer):
     from training.model.blip3o import BLIP3o
     from training.model.decoder import Decoder
     from training.pipeline import ReferencePipeline
+
+    import torch
 
     torch.manual_seed(0)
     return ReferencePipeline(BLIP3o(tiny_config), Decoder(tiny_config.decoder), tiny_tokenizer)

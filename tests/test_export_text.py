@@ -128,9 +128,18 @@ def test_prefill_matches_pytorch(text, batch, seq):
     assert max_err(got["present_values"], values) < ATOL
 
 
-@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 5), (1, 103)])
-def test_greedy_decode_matches_full_forward(text, batch, seq):
-    """Prefill S tokens, decode 3 greedily (present -> past), compare to one S+3 forward."""
+def empty_cache(keys: np.ndarray, capacity: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A (L, B, KV, capacity, D) key/value pair holding prefill's rows, the rest random noise
+    (the graph must ignore rows at and past `cache_position`, whatever they hold)."""
+    rng = np.random.default_rng(seed)
+    shape = (*keys.shape[:3], capacity, keys.shape[4])
+    return tuple(100 * rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+
+
+@pytest.mark.parametrize("batch,seq,capacity", [(1, 1, 4), (2, 5, 9), (1, 103, 300)])
+def test_greedy_decode_matches_full_forward(text, batch, seq, capacity):
+    """Prefill S tokens into a preallocated cache, decode 3 greedily writing each token's row in
+    place at `cache_position`, compare to one S+3 forward (logits and the whole cache)."""
     model, specs, sessions, _ = text
     table = model.qwen.model.language_model.embed_tokens.weight.detach().numpy()  # (V, H)
     embeds = embeds_of(model, batch, seq, seed=7 * seq + batch)
@@ -140,19 +149,21 @@ def test_greedy_decode_matches_full_forward(text, batch, seq):
         "prefill",
         {"inputs_embeds": embeds, "position_ids": text_positions(batch, 0, seq)},
     )
-    keys, values = out["present_keys"], out["present_values"]
+    keys, values = empty_cache(out["present_keys"], capacity)  # (L, B, KV, C, D)
+    keys[..., :seq, :], values[..., :seq, :] = out["present_keys"], out["present_values"]
     step_logits, tokens = [], [out["logits"].argmax(-1)]  # tokens: (B,) each
     for step in range(3):
         feeds = {
             "inputs_embeds": table[tokens[-1]][:, None],  # (B, 1, H)
             "position_ids": text_positions(batch, seq + step, 1),  # (3, B, 1)
-            "past_keys": keys,
-            "past_values": values,
+            "cache_keys": keys,
+            "cache_values": values,
+            "cache_position": np.array([seq + step], np.int64),
         }
         out = run(specs, sessions, "decode", feeds)
-        assert out["present_keys"].shape[3] == keys.shape[3] + 1 == seq + step + 1
-        assert out["present_values"].shape == out["present_keys"].shape
-        keys, values = out["present_keys"], out["present_values"]
+        assert out["new_keys"].shape == (*keys.shape[:3], 1, keys.shape[4])  # not the past's
+        keys[..., seq + step, :] = out["new_keys"][..., 0, :]
+        values[..., seq + step, :] = out["new_values"][..., 0, :]
         step_logits.append(out["logits"])  # (B, V)
         tokens.append(out["logits"].argmax(-1))
     fed = np.stack([table[t] for t in tokens[:3]], axis=1)  # (B, 3, H)
@@ -160,8 +171,32 @@ def test_greedy_decode_matches_full_forward(text, batch, seq):
     _, logits, ref_keys, ref_values = reference(model, full, text_positions(batch, 0, seq + 3))
     for step, got in enumerate(step_logits):
         assert max_err(got, logits[:, seq + step]) < ATOL, f"decode step {step}"
-    assert max_err(keys, ref_keys) < ATOL
-    assert max_err(values, ref_values) < ATOL
+    assert max_err(keys[..., : seq + 3, :], ref_keys) < ATOL
+    assert max_err(values[..., : seq + 3, :], ref_values) < ATOL
+
+
+def test_decode_reads_only_the_rows_before_cache_position(text):
+    """Changing a cache row at or past `cache_position` leaves the logits alone; changing one
+    before it does not (so the mask is neither missing nor off by one)."""
+    model, specs, sessions, _ = text
+    rng = np.random.default_rng(3)
+    l, _, kv, _, d = specs["decode"].tensor("cache_keys").shape  # (L, B, KV, C, D)
+    keys = rng.standard_normal((l, 1, kv, 12, d)).astype(np.float32)
+    values = rng.standard_normal(keys.shape).astype(np.float32)
+    feeds = {
+        "inputs_embeds": embeds_of(model, 1, 1, seed=4),
+        "position_ids": text_positions(1, 6, 1),
+        "cache_keys": keys,
+        "cache_values": values,
+        "cache_position": np.array([6], np.int64),
+    }
+    base = run(specs, sessions, "decode", feeds)["logits"]
+    for row, changes in ((6, False), (11, False), (5, True)):
+        k, v = keys.copy(), values.copy()
+        k[..., row, :] += 3.0
+        v[..., row, :] -= 3.0
+        got = run(specs, sessions, "decode", {**feeds, "cache_keys": k, "cache_values": v})
+        assert (max_err(got["logits"], base) > ATOL) == changes, f"row {row}"
 
 
 def mrope_positions(cfg, batch: int, kind: str) -> np.ndarray:
@@ -211,16 +246,20 @@ def test_mrope_positions_honoured(text, batch, kind):
 
     step = np.array([40, 33, 47], np.int64).reshape(3, 1, 1).repeat(batch, 1)  # (3, B, 1)
     token = embeds_of(model, batch, 1, seed=12)  # (B, 1, H)
+    seq = positions.shape[-1]
+    cache_keys, cache_values = empty_cache(got["present_keys"], seq + 5)
+    cache_keys[..., :seq, :], cache_values[..., :seq, :] = keys, values
     feeds = {
         "inputs_embeds": token,
         "position_ids": step,
-        "past_keys": got["present_keys"],
-        "past_values": got["present_values"],
+        "cache_keys": cache_keys,
+        "cache_values": cache_values,
+        "cache_position": np.array([seq], np.int64),
     }
     out = run(specs, sessions, "decode", feeds)
     _, ref_logits, ref_keys, _ = reference(model, token, step, (keys, values))
     assert max_err(out["logits"], ref_logits[:, -1]) < ATOL
-    assert max_err(out["present_keys"], ref_keys) < ATOL
+    assert max_err(out["new_keys"], ref_keys[..., seq:, :]) < ATOL
     for row in range(3):
         alt = reference(model, token, one_row(step, row), (keys, values))[1]
         assert max_err(alt[:, -1], ref_logits[:, -1]) > ATOL

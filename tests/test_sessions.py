@@ -237,7 +237,7 @@ def tiny_folder(tmp_path_factory):
 def test_torch_session_matches_onnxruntime(tiny_folder, graph):
     from runtime.manifest import graph_spec, load_manifest
     from runtime.sessions.onnxruntime import OrtSession
-    from runtime.sessions.torch import TorchSession
+    from export.torch_backend import TorchSession
     from runtime.spec import sample_inputs
 
     manifest = load_manifest(tiny_folder)
@@ -261,7 +261,7 @@ def test_open_session_torch_shares_the_pipeline_and_keeps_outputs_on_device(tiny
     import torch
 
     from runtime.manifest import graph_spec, load_manifest
-    from runtime.sessions import torch as torch_backend
+    from export import torch_backend
     from runtime.spec import sample_inputs
 
     spec = graph_spec(load_manifest(tiny_folder), "dit_step")

@@ -88,11 +88,20 @@ class PrefillGraph(nn.Module):
 
 
 class DecodeGraph(nn.Module):
-    """One decoding step on an explicit past: last-position logits and the grown KV cache.
+    """One decoding step against a fixed-capacity KV cache the runtime owns and grows in place.
 
     forward(inputs_embeds (B, 1, H), position_ids (3, B, 1) int64,
-    past_keys / past_values (L, B, KV, P, D)) ->
-    logits (B, vocab), present_keys / present_values (L, B, KV, P+1, D).
+    cache_keys / cache_values (L, B, KV, C, D), cache_position (1,) int64) ->
+    logits (B, vocab), new_keys / new_values (L, B, KV, 1, D).
+
+    The cache holds `cache_position` = P valid rows (0..P-1; rows P..C-1 are ignored, whatever
+    they hold); the new token is row P, which the runtime writes into its cache from
+    `new_keys` / `new_values` after the step. The cache is only read: attention scores the
+    query against the cache rows (masked past P) and against the new key separately, and one
+    softmax covers both, so no K/V tensor is concatenated or copied and the outputs are
+    independent of the past's length. This is transformers' Qwen2.5-VL decoder layer (RMSNorm,
+    q/k/v with bias, M-RoPE, grouped-query attention, o_proj, SwiGLU MLP) written out around
+    that attention; `tests/test_export_text.py` checks it against transformers' own forward.
     """
 
     def __init__(self, qwen) -> None:
@@ -100,14 +109,31 @@ class DecodeGraph(nn.Module):
         self.language_model = _sdpa_language_model(qwen)
         self.lm_head = qwen.lm_head
 
-    def forward(self, inputs_embeds, position_ids, past_keys, past_values):
-        cache = DynamicCache(config=self.language_model.config)
-        for i in range(len(self.language_model.layers)):  # static L: one cache layer per layer
-            cache.update(past_keys[i], past_values[i], i)  # (B, KV, P, D) each
-        with _sdpa_gqa():
-            out = self.language_model(
-                inputs_embeds=inputs_embeds, position_ids=position_ids, cache=cache, use_cache=True
-            )
-        logits = self.lm_head(out.last_hidden_state[:, -1])  # (B, vocab)
-        present_keys, present_values = _stack_cache(cache)  # (L, B, KV, P+1, D) each
-        return logits, present_keys, present_values
+    def forward(self, inputs_embeds, position_ids, cache_keys, cache_values, cache_position):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+        lm, h = self.language_model, inputs_embeds  # (B, 1, H)
+        _, batch, kv, capacity, dim = cache_keys.shape
+        cos, sin = lm.rotary_emb(h, position_ids)  # (B, 1, D) each
+        rows = torch.arange(capacity, device=h.device)  # (C,)
+        past_mask = torch.where(rows < cache_position, 0.0, float("-inf"))  # (C,) 0 | -inf
+        new_keys, new_values = [], []
+        for i, layer in enumerate(lm.layers):
+            attn, residual = layer.self_attn, h
+            x = layer.input_layernorm(h)  # (B, 1, H)
+            q = attn.q_proj(x).view(batch, 1, -1, dim).transpose(1, 2)  # (B, NH, 1, D)
+            k = attn.k_proj(x).view(batch, 1, kv, dim).transpose(1, 2)  # (B, KV, 1, D)
+            v = attn.v_proj(x).view(batch, 1, kv, dim).transpose(1, 2)  # (B, KV, 1, D)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q = q.reshape(batch, kv, -1, dim)  # (B, KV, G, D): head j reads kv head j // G
+            past = q @ cache_keys[i].transpose(-1, -2) * attn.scaling  # (B, KV, G, C)
+            own = (q * k).sum(-1, keepdim=True) * attn.scaling  # (B, KV, G, 1)
+            scores = torch.cat([past.float() + past_mask, own.float()], -1)  # (B, KV, G, C+1)
+            probs = scores.softmax(-1).to(q.dtype)
+            out = probs[..., :capacity] @ cache_values[i] + probs[..., capacity:] * v  # (B,KV,G,D)
+            h = residual + attn.o_proj(out.reshape(batch, 1, -1))  # (B, 1, H)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            new_keys.append(k)
+            new_values.append(v)
+        logits = self.lm_head(lm.norm(h)[:, -1])  # (B, vocab)
+        return logits, torch.stack(new_keys), torch.stack(new_values)  # (L, B, KV, 1, D) each

@@ -4,17 +4,30 @@ A session has `spec` (its `GraphSpec`), `run(feeds) -> outputs` (dicts keyed by 
 names) and `close()`. Feeds and outputs are the backend's own arrays: numpy for ONNX Runtime on
 CPU, device buffers for GPU backends, so step loops keep their data on the device; `to_host`
 turns any output into numpy. Backends are imported lazily by name: `import runtime` pulls in
-none of them.
+none of them. Backends outside the runtime (the PyTorch reference in `export.torch_backend`)
+plug in with `register_backend`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from runtime.spec import GraphSpec
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt")  # built in; more register themselves (`register_backend`)
+_REGISTRY: dict[str, Callable[..., Session]] = {}
+
+
+def register_backend(name: str, factory: Callable[..., Session]) -> None:
+    """Add a session backend: `factory(spec, path, device=, precision=, **options)`. The PyTorch
+    reference (`export.torch_backend`, outside the runtime) registers "torch" when imported."""
+    _REGISTRY[name] = factory
+
+
+def backends() -> tuple[str, ...]:
+    return BACKENDS + tuple(n for n in _REGISTRY if n not in BACKENDS)
 
 
 class Session(Protocol):
@@ -45,8 +58,7 @@ def open_session(
         from runtime.sessions.tensorrt import TrtSession
 
         return TrtSession(spec, path, device=device, precision=precision, **options)
-    if backend == "torch":
-        from runtime.sessions.torch import TorchSession
-
-        return TorchSession(spec, path, device=device, precision=precision, **options)
-    raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend in _REGISTRY:
+        return _REGISTRY[backend](spec, path, device=device, precision=precision, **options)
+    hint = "; 'torch' needs `import export.torch_backend` first" if backend == "torch" else ""
+    raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(backends())}{hint}")

@@ -1,13 +1,21 @@
 """TensorRT sessions: a deserialized engine, device I/O buffers, one stream, CUDA graph replay.
 
 I/O buffers are allocated once from the spec (profile max; exact for a static spec). A run sets the
-input shapes, copies feeds into the input buffers (numpy or `DeviceArray`) and enqueues
-`execute_async_v3` on the session's stream; outputs are `DeviceArray`s over the session's output
-buffers (valid until its next run), so step loops stay on the device and `to_host` copies. A static
-spec (`export.trt_plan.pin_batch`) is captured into a CUDA graph on its first run, then replayed.
-Engines run in sequence on one stream share an `ActivationPool` (one buffer, the max of their
-`device_memory_size`). `tensorrt`/`cuda-python` (the `trt` extra) are imported only where needed;
-every decision that does not need them is a pure function here, tested without a GPU.
+input shapes, puts the feeds in place and enqueues `execute_async_v3` on the stream:
+- host (numpy) feeds are copied into the session's input buffers; a `DeviceArray` feed is bound
+  by its address (no copy: a token job's KV cache is read where it lies), except in a captured
+  CUDA graph, whose addresses are fixed, where it is copied into the input buffer;
+- every output is copied, on the stream, out of the session's output buffer into a device
+  buffer the returned `DeviceArray` owns (as TensorRT's diffusion demo copies what must outlive a
+  call): an output stays valid after the session's next run and after `close()` (low-memory
+  release), so jobs interleaved on one session never see each other's results. The buffer is
+  freed when the last `DeviceArray` over it goes away.
+A static spec (`export.trt_plan.pin_batch`) is captured into a CUDA graph on its first run, then
+replayed. A `SharedDevice` (one per Generator) gives all its sessions one stream and one
+`ActivationPool` (one buffer, the max of their `device_memory_size`): the engines run in sequence
+on that stream, never concurrently. `tensorrt`/`cuda-python` (the `trt` extra) are imported only
+where needed; every decision that does not need them is a pure function here, tested without a
+GPU, and the control flow runs in the tests over a simulated device (`tests/simulated_device.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import logging
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,12 +142,14 @@ def engine_io_errors(spec: GraphSpec, precision: str, io: dict[str, tuple[str, s
 
 @dataclass(frozen=True)
 class DeviceArray:
-    """A tensor in device memory, ordered on `stream`; valid until its session's next run."""
+    """A tensor in device memory, ordered on `stream`. `owner` (a `DeviceBuffer`) keeps the
+    memory alive as long as the array is referenced; None for memory the caller manages."""
 
     ptr: int
     shape: tuple[int, ...]
     dtype: np.dtype
     stream: Any = None
+    owner: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -196,6 +207,92 @@ class ActivationPool:
         self.ptr = self.nbytes = 0
 
 
+class DeviceBuffer:
+    """One cudaMalloc'd allocation, freed (cudaFree, which waits for pending work on it) when the
+    last reference goes: outputs and caches own their memory, no session does."""
+
+    def __init__(self, rt, nbytes: int) -> None:
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(_ok(rt.cudaMalloc(self.nbytes)))
+        self._finalizer = weakref.finalize(self, _free, rt, self.ptr)
+
+    def free(self) -> None:
+        self._finalizer()
+
+
+def _free(rt, ptr: int) -> None:
+    _ok(rt.cudaFree(ptr))
+
+
+class SharedDevice:
+    """What one Generator's TensorRT sessions share: a CUDA device, one non-blocking stream and
+    one activation pool. Close it after the sessions (`Generator.close`)."""
+
+    def __init__(self, device: str = "cuda") -> None:
+        if not re.fullmatch(r"cuda(:\d+)?", str(device)):
+            raise ValueError(f"TensorRT runs on device 'cuda' or 'cuda:N', got {device!r}")
+        _, rt = _imports()
+        self.device, self._rt = device, rt
+        _ok(rt.cudaSetDevice(int(device[5:] or 0)))
+        self.stream = _ok(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+        self.pool = ActivationPool()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            _ok(self._rt.cudaStreamSynchronize(self.stream))
+            self.pool.close(self._rt)
+            _ok(self._rt.cudaStreamDestroy(self.stream))
+            self.stream = None
+
+
+class DeviceKVCache:
+    """A token job's KV cache in device memory: (L, B, KV, C, D) keys and values it owns, fed to
+    the decode engine by address, rows written in place with one strided copy per side."""
+
+    def __init__(self, rt, stream, shape: tuple[int, ...], dtype) -> None:
+        self._rt, self._stream, dtype = rt, stream, np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._buffers = [DeviceBuffer(rt, nbytes) for _ in range(2)]
+        self.keys, self.values = (
+            DeviceArray(b.ptr, tuple(shape), dtype, stream, b) for b in self._buffers
+        )
+        self.capacity = shape[3]
+
+    def write(self, start: int, keys, values) -> None:
+        """Rows start..start+n of the cache from (L, B, KV, n, D) keys / values (device or host)."""
+        rt, kinds = self._rt, self._rt.cudaMemcpyKind
+        for dst, src in ((self.keys, keys), (self.values, values)):
+            *outer, n, d = src.shape
+            if tuple(outer) != dst.shape[:3] or d != dst.shape[4] or start + n > self.capacity:
+                raise ValueError(f"cannot write {tuple(src.shape)} at row {start} of {dst.shape}")
+            if src.dtype != dst.dtype:
+                raise ValueError(f"KV rows are {src.dtype}, the cache is {dst.dtype}")
+            item = dst.dtype.itemsize
+            if isinstance(src, DeviceArray):
+                src_ptr, kind = src.ptr, kinds.cudaMemcpyDeviceToDevice
+            else:
+                src = np.ascontiguousarray(src)
+                src_ptr, kind = src.ctypes.data, kinds.cudaMemcpyHostToDevice
+            _ok(
+                rt.cudaMemcpy2DAsync(
+                    dst.ptr + start * d * item,  # row `start` of the first (layer, batch, head)
+                    self.capacity * d * item,  # destination pitch: one (layer, batch, head)
+                    src_ptr,
+                    n * d * item,  # source pitch
+                    n * d * item,  # bytes per (layer, batch, head)
+                    math.prod(outer),  # L * B * KV of them
+                    kind,
+                    self._stream,
+                )
+            )
+            if not isinstance(src, DeviceArray):
+                _ok(rt.cudaStreamSynchronize(self._stream))  # the host array may go away
+
+    def close(self) -> None:
+        self.keys = self.values = None
+        self._buffers = []
+
+
 class TrtSession:
     def __init__(
         self,
@@ -207,6 +304,7 @@ class TrtSession:
         stream=None,
         activation_pool: ActivationPool | None = None,
         cuda_graph: bool | None = None,
+        shared: SharedDevice | None = None,
     ) -> None:
         io_dtype(precision)  # validates the precision name
         if cuda_graph and not capturable(spec):
@@ -217,6 +315,8 @@ class TrtSession:
             )
         if not re.fullmatch(r"cuda(:\d+)?", str(device)):
             raise ValueError(f"TensorRT runs on device 'cuda' or 'cuda:N', got {device!r}")
+        if shared is not None:
+            stream, activation_pool = shared.stream, shared.pool
         self.spec, self.precision, self._closed = spec, precision, False
         self._graph_wanted = capturable(spec) if cuda_graph is None else cuda_graph
         index, (trt, rt), path = int(device[5:] or 0), _imports(), Path(path)
@@ -249,6 +349,7 @@ class TrtSession:
         self._context = engine.create_execution_context(strategy)
         self._plan = max_buffer_plan(spec, precision)
         self._buffers = {n: int(_ok(rt.cudaMalloc(max(p[2], 1)))) for n, p in self._plan.items()}
+        self._addresses = dict(self._buffers)  # what each tensor is bound to now
         for name, ptr in self._buffers.items():
             self._context.set_tensor_address(name, ptr)
         self._own_stream = stream is None
@@ -258,6 +359,8 @@ class TrtSession:
         self._bound = self._shapes = self._outs = self._graph = self._exec = None
 
     def run(self, feeds: dict[str, Any]) -> dict[str, DeviceArray]:
+        if self._closed:
+            raise RuntimeError(f"{self.spec.name}: the session is closed")
         rt, ctx, spec = self._rt, self._context, self.spec
         if all(isinstance(v, np.ndarray) for v in feeds.values()):
             check_feeds(spec, feeds, self.precision)  # integer ranges too: bad ids fault on GPU
@@ -274,7 +377,7 @@ class TrtSession:
             self._shapes = shapes
             self._outs = {n: tuple(ctx.get_tensor_shape(n)) for n in spec.output_names}
         for name in spec.input_names:
-            self._upload(name, feeds[name])
+            self._place(name, feeds[name])
         if self._exec is not None:
             _ok(rt.cudaGraphLaunch(self._exec, self.stream))
         else:
@@ -282,26 +385,46 @@ class TrtSession:
                 raise RuntimeError(f"{spec.name}: TensorRT execute_async_v3 failed")
             if self._graph_wanted:
                 self._capture()
-        dtypes = {n: self._plan[n][1] for n in self._outs}
-        return {
-            n: DeviceArray(self._buffers[n], s, dtypes[n], self.stream)
-            for n, s in self._outs.items()
-        }
+        return {n: self._copy_out(n, s) for n, s in self._outs.items()}
 
-    def _upload(self, name: str, value) -> None:
+    def _place(self, name: str, value) -> None:
+        """Put one feed where the engine reads it: bind a device array by address (unless a CUDA
+        graph fixes the addresses), copy anything else into the session's input buffer."""
         rt, want, kinds = self._rt, self._plan[name][1], self._rt.cudaMemcpyKind
         if value.dtype != want:
             raise ValueError(f"{self.spec.name}.{name}: dtype {value.dtype}, expected {want}")
+        target = self._buffers[name]
         if isinstance(value, DeviceArray):
-            if value.ptr == self._buffers[name]:
-                return
             if value.stream is not None and int(value.stream) != int(self.stream):
                 _ok(rt.cudaStreamSynchronize(value.stream))  # produced on another stream
+            if not self._graph_wanted:
+                self._bind(name, value.ptr)
+                return
             src, nbytes, kind = value.ptr, value.nbytes, kinds.cudaMemcpyDeviceToDevice
         else:
             value = np.ascontiguousarray(value)
             src, nbytes, kind = value.ctypes.data, value.nbytes, kinds.cudaMemcpyHostToDevice
-        _ok(rt.cudaMemcpyAsync(self._buffers[name], src, nbytes, kind, self.stream))
+        self._bind(name, target)
+        _ok(rt.cudaMemcpyAsync(target, src, nbytes, kind, self.stream))
+
+    def _bind(self, name: str, ptr: int) -> None:
+        if self._addresses[name] != ptr:
+            self._context.set_tensor_address(name, ptr)
+            self._addresses[name] = ptr
+
+    def _copy_out(self, name: str, shape: tuple) -> DeviceArray:
+        """Output `name` copied into a buffer the returned array owns (outlives this session's
+        next run and its close)."""
+        dtype = self._plan[name][1]
+        nbytes = math.prod(shape) * dtype.itemsize
+        out = DeviceBuffer(self._rt, nbytes)
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        _ok(self._rt.cudaMemcpyAsync(out.ptr, self._buffers[name], nbytes, kind, self.stream))
+        return DeviceArray(out.ptr, shape, dtype, self.stream, out)
+
+    def kv_cache(self, shape: tuple[int, ...], dtype) -> DeviceKVCache:
+        """A KV cache in device memory for a token job (owned by the job, not the session)."""
+        return DeviceKVCache(self._rt, self.stream, shape, dtype)
 
     def _capture(self) -> None:
         """Capture the engine launch (not the feed copies) into a CUDA graph for later runs."""
@@ -331,6 +454,8 @@ class TrtSession:
             return np.asarray(value)
         rt, out = self._rt, np.empty(value.shape, value.dtype)
         stream = value.stream if value.stream is not None else self.stream
+        if self._own_stream and self._closed and stream is self.stream:
+            raise RuntimeError(f"{self.spec.name}: the session and its stream are closed")
         kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         _ok(rt.cudaMemcpyAsync(out.ctypes.data, value.ptr, value.nbytes, kind, stream))
         _ok(rt.cudaStreamSynchronize(stream))

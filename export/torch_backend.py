@@ -1,8 +1,8 @@
-"""PyTorch sessions: the reference model behind the session interface, for parity and debugging.
-
-The one place the runtime touches torch, and the one exception to "runtime imports nothing of
-ours": it needs the `train` extra (pip install 'blip3o-edge[train]') and imports our `training` and
-`export` packages lazily, inside the functions below. `path` is an engine folder: its manifest says
+"""PyTorch sessions: the reference model behind the runtime's session interface, for parity and
+debugging. It lives next to the exporter, not in `runtime/` (which imports no torch and nothing
+of ours), and registers the "torch" backend with `runtime.sessions.register_backend` when
+imported: `import export.torch_backend`, then `Generator.from_dir(..., backend="torch")`. It
+needs the `train` extra (pip install 'blip3o-edge[train]') and imports `training` lazily. `path` is an engine folder: its manifest says
 which weights it was built from, a checkpoint (`checkpoint.path`, loaded with
 `training.checkpoint.load_pipeline`) or seeded random weights (`checkpoint.hash` =
 `random-weights-seed-N`, rebuilt with `export.plan.random_pipeline`). The pipeline is loaded once
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from runtime.manifest import EngineFolderError, load_manifest, rebuild_hint
+from runtime.sessions import register_backend
 from runtime.spec import GraphSpec, check_feeds, io_dtype
 
 _RANDOM = re.compile(r"^random-weights-seed-(\d+)$")
@@ -153,3 +154,6 @@ class TorchSession:
 
     def close(self) -> None:
         self._module = None
+
+
+register_backend("torch", TorchSession)

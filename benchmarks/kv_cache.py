@@ -1,0 +1,128 @@
+"""Does a token cost the same at a long context as at a short one? ms/token of the in-place KV
+cache, side by side, in one run.
+
+    python benchmarks/kv_cache.py --engines engines/tiny-fp32 --tokens 48 --threads 1
+
+Two token jobs on one Generator, the same image and question: `short` decodes right after the
+prefill (its cache sized for the prompt + `--tokens`); `long` first appends tokens until its
+position is `--tokens` rows short of the decode graph's capacity (the largest cache the folder
+allows), then decodes. Each timed token is one `generate_next_token()` (the decode graph on the
+job's cache, the one-row write, the sampler); eos is disabled for the run so both decode exactly
+`--tokens` tokens. Reports min / median ms per token per context and the ratio long/short
+(target <= 1.3 on tiny: with a cache that grew by copy, every token copied the whole past).
+Writes JSON (`--out`, default benchmarks/results/kv-cache-<variant>.json). Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+TARGET = 1.3
+QUESTION = "Describe the image."
+
+
+def _timed_tokens(job, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        job.generate_next_token()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def measure(engines: Path, *, tokens: int = 48, threads: int | None = 1) -> dict:
+    from runtime.generator import Generator
+    from runtime.manifest import graph_spec
+
+    options = {"threads": threads} if threads else {}
+    image = np.full((64, 64, 3), 255, np.uint8)
+    image[8:28, 30:50] = (40, 80, 220)
+    with Generator.from_dir(engines, verify=False, session_options=options) as gen:
+        gen.config = copy.deepcopy(gen.config)
+        gen.config["backbone"]["eos_token_id"] = -1  # no early stop: both decode `tokens`
+        capacity = graph_spec(gen.manifest, "decode").dim("capacity").max
+        rows = {}
+        results = {}
+        for name in ("short", "long"):
+            job = gen.start_answer(image, QUESTION, max_new_tokens=capacity)
+            first = job.generate_next_token()  # vision + prefill, not timed
+            prompt = job._position
+            if name == "short":
+                job.cancel()
+                job = gen.start_answer(image, QUESTION, max_new_tokens=tokens + 4)
+                job.generate_next_token()
+            else:
+                fill = capacity - tokens - 4 - prompt  # room for the warm-up and timed tokens
+                if fill < 0:
+                    raise SystemExit(f"--tokens {tokens} leaves no long context (capacity "
+                                     f"{capacity}, prompt {prompt})")
+                job.append_tokens([first] * fill)
+            rows[name] = job._position
+            _timed_tokens(job, 2)  # warm-up
+            times = _timed_tokens(job, tokens)
+            results[name] = {
+                "context_rows": rows[name],
+                "cache_capacity": job.capacity,
+                "tokens": tokens,
+                "ms_per_token_min": min(times),
+                "ms_per_token_median": statistics.median(times),
+            }
+            job.cancel()
+    ratio = results["long"]["ms_per_token_median"] / results["short"]["ms_per_token_median"]
+    return {
+        "engines": str(engines),
+        "threads": threads,
+        "short": results["short"],
+        "long": results["long"],
+        "long_over_short": ratio,
+        "target": TARGET,
+        "meets_target": ratio <= TARGET,
+    }
+
+
+def table(report: dict) -> str:
+    lines = ["| context | rows | cache capacity | ms/token min | ms/token median |"]
+    lines.append("|---|---|---|---|---|")
+    for name in ("short", "long"):
+        r = report[name]
+        lines.append(
+            f"| {name} | {r['context_rows']} | {r['cache_capacity']} | "
+            f"{r['ms_per_token_min']:.2f} | {r['ms_per_token_median']:.2f} |"
+        )
+    verdict = "meets" if report["meets_target"] else "misses"
+    lines.append(
+        f"\nlong/short = {report['long_over_short']:.2f} ({verdict} the <= {TARGET} target)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", type=Path, default=Path("engines/tiny-fp32"))
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    report = measure(args.engines, tokens=args.tokens, threads=args.threads or None)
+    variant = json.loads((args.engines / "manifest.json").read_text())["variant"]
+    out = args.out or Path(__file__).parent / "results" / f"kv-cache-{variant}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
