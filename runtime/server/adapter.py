@@ -176,3 +176,15 @@ def answer(gen, image, question: str, *, max_tokens: int, stream=None) -> Answer
 
 
 MAX_TOKENS = MAX_NEW_TOKENS
+
+
+def generator_with_sessions(folder, make_session):
+    """A Generator over `folder`'s host assets whose generation graphs are `make_session(spec)`
+    (the Triton orchestrator's BLS sessions): the runtime's own loop, someone else's sessions.
+    The `torch` backend name only skips the ONNX Runtime checks; no torch session ever opens."""
+    from runtime.generator import Generator
+
+    gen = Generator.from_dir(folder, backend="torch", device="cpu", verify=False)
+    for name in ("prefill", "dit_step", "unet_step", "vae_decoder"):
+        gen._sessions[name] = make_session(graph_spec(gen.manifest, name))
+    return gen

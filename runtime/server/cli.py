@@ -60,6 +60,10 @@ def add_parser(sub, common) -> None:
     )
     s.set_defaults(func=cmd_serve)
 
+    from runtime.server.triton import add_parser as add_triton
+
+    add_triton(sub)
+
 
 def server_config(args):
     from runtime.server.app import ServerConfig
