@@ -207,12 +207,13 @@ async def next_event(request: Request, queue: asyncio.Queue, task):
             pass
 
 
-def create_app(config: ServerConfig, *, state: State | None = None) -> FastAPI:
+def create_app(config: ServerConfig, *, state: State | None = None, start: bool = True) -> FastAPI:
+    """The app; `start` opens the folder on a thread at startup (`False`: `state` is started)."""
     state = state or State(config)
 
     async def lifespan(app):
-        thread = threading.Thread(target=state.start, name="blip3o-startup", daemon=True)
-        thread.start()
+        if start:
+            threading.Thread(target=state.start, name="blip3o-startup", daemon=True).start()
         yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.close)
