@@ -23,8 +23,14 @@ def gen(tiny_engine_dir):
 
 def task(gen, prompt, seed, n=1, guidance=None):
     prep = adapter.prepare(
-        gen, prompt, seed=seed, steps=STEPS, guidance=guidance, decoder_steps=DECODER_STEPS,
-        decoder_guidance=None, num_images=n,
+        gen,
+        prompt,
+        seed=seed,
+        steps=STEPS,
+        guidance=guidance,
+        decoder_steps=DECODER_STEPS,
+        decoder_guidance=None,
+        num_images=n,
     )
     return ImageTask(prep)
 
@@ -47,15 +53,23 @@ def test_batched_images_equal_each_request_alone(gen):
     engine = Engine(gen)  # max_batch 4, max_running 4
     try:
         # rows 1 + 1 + 2 = 4: one call per step for all three requests
-        tasks = [task(gen, "a red circle", 1), task(gen, "a blue square", 2),
-                 task(gen, "a green triangle", 3, n=2)]
+        tasks = [
+            task(gen, "a red circle", 1),
+            task(gen, "a blue square", 2),
+            task(gen, "a green triangle", 3, n=2),
+        ]
         run_all(engine, tasks)
         assert engine.calls["dit"] == STEPS and engine.calls["unet"] == DECODER_STEPS
         assert engine.calls["vae_decoder"] == 1 and engine.calls["prefill"] == 3
         for t in tasks:
             p = t.prep.params
-            alone = gen.generate(p.prompt, seed=p.seed, steps=STEPS, decoder_steps=DECODER_STEPS,
-                                 num_images=p.num_images)
+            alone = gen.generate(
+                p.prompt,
+                seed=p.seed,
+                steps=STEPS,
+                decoder_steps=DECODER_STEPS,
+                num_images=p.num_images,
+            )
             for got, ref in zip(t.images, alone):
                 got, ref = np.asarray(got, np.int16), np.asarray(ref, np.int16)
                 # fp32 tolerance: a batched matmul may round differently, at most one level
@@ -71,8 +85,10 @@ def test_batched_images_equal_each_request_alone(gen):
 def test_incompatible_requests_do_not_share_a_call(gen):
     engine = Engine(gen)
     try:
-        tasks = [task(gen, "a red circle", 1, guidance=3.0), task(gen, "a red circle", 1,
-                                                                    guidance=2.0)]
+        tasks = [
+            task(gen, "a red circle", 1, guidance=3.0),
+            task(gen, "a red circle", 1, guidance=2.0),
+        ]
         run_all(engine, tasks)
         assert engine.calls["dit"] == 2 * STEPS  # guidance differs: one call each per step
         # the first ran ahead (oldest first), so the two never meet at one UNet step either
