@@ -1,4 +1,4 @@
-"""`python -m runtime generate|answer|doctor`: the runtime from the command line.
+"""`python -m runtime generate|answer|doctor|serve`: the runtime from the command line.
 
     python -m runtime generate "a red circle" --engines engines/tiny-fp32 --out out.png
     python -m runtime answer out.png "Describe the image." --engines engines/tiny-fp32
@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--engines", type=Path, help="engine folder to judge (default: none)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=cmd_doctor)
+
+    from runtime.server.cli import add_parser as add_serve  # imports no web framework
+
+    add_serve(sub, common)
     return parser
 
 

@@ -1,0 +1,190 @@
+"""The server's one link to the runtime core: everything it needs from `Generator` goes here.
+
+The runtime core is moving (a params object, an understanding token job with streaming and
+finish reasons, an in-place KV cache). The server reads today's API through these functions
+only, so a change of the core is a change of this file:
+
+- `prepare(gen, ...)`: validated generation params, the seeded noise and the decoder schedule of
+  one request, taken from the runtime's own `GenerationJob` (so the server's noise convention and
+  schedules are the runtime's, never a copy); the job object is not stepped.
+- `dit_feeds` / `unet_feeds`: one step's feeds for a batch of rows, the same names and scalars
+  the runtime's loop feeds (`runtime.generation`).
+- `answer(...)`: image understanding with exact token counts and a finish reason, read from the
+  runtime's prompt encoder while today's `answer_tokens` runs (the token job will report them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.generation import GenerationParams, scalar
+from runtime.manifest import graph_spec
+from runtime.schedule import flow_sigmas, flow_timesteps
+from runtime.understanding import MAX_NEW_TOKENS, answer_tokens
+
+
+@dataclass
+class Prepared:
+    """One validated request: params, its noise and its decoder schedule (host data)."""
+
+    params: GenerationParams
+    noise: np.ndarray  # (N, C, 8, 8) DiT noise
+    latent_noise: np.ndarray  # (N, 4, l, l) decoder noise
+    schedule: object  # runtime.schedule EulerDiscrete schedule (timesteps, sigmas)
+    sigmas: np.ndarray  # (steps + 1,) flow sigmas
+    timesteps: np.ndarray  # (steps,) DiT timesteps
+
+
+def max_batch(gen) -> int:
+    """Rows one call of the step graphs takes: the smallest `batch` max of the three graphs."""
+    return min(
+        graph_spec(gen.manifest, name).dim("batch").max
+        for name in ("dit_step", "unet_step", "vae_decoder")
+    )
+
+
+def sampler_defaults(gen) -> dict:
+    return dict(gen.manifest["sampler"])
+
+
+def prepare(
+    gen,
+    prompt: str,
+    *,
+    seed: int,
+    steps: int | None,
+    guidance: float | None,
+    decoder_steps: int | None,
+    decoder_guidance: float | None,
+    num_images: int,
+) -> Prepared:
+    """Validate one request (a `UserError` names the bad value) and draw its noise."""
+    job = gen.start(
+        prompt,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        decoder_steps=decoder_steps,
+        decoder_guidance=decoder_guidance,
+        num_images=num_images,
+    )
+    gen._job_finished(job)  # never stepped: it holds nothing open
+    sigmas = flow_sigmas(job.params.steps)
+    return Prepared(
+        params=job.params,
+        noise=job.noise,
+        latent_noise=job.latent_noise,
+        schedule=job.schedule,
+        sigmas=sigmas,
+        timesteps=flow_timesteps(sigmas),
+    )
+
+
+def conditioning(gen, prompt: str) -> np.ndarray:
+    """(1, 64, H) host conditioning of a generation prompt (one prefill call)."""
+    return gen.conditioning(prompt)
+
+
+def negative_features(gen) -> np.ndarray:
+    return gen.negative_features()  # (1, 64, C)
+
+
+def dit_feeds(gen, prep: Prepared, i: int, latents, cond) -> dict:
+    return {
+        "latents": latents,
+        "timestep": scalar(prep.timesteps[i], np.int64),
+        "sigma": scalar(prep.sigmas[i]),
+        "sigma_next": scalar(prep.sigmas[i + 1]),
+        "cond": cond,
+        "guidance": scalar(prep.params.guidance),
+    }
+
+
+def unet_feeds(gen, prep: Prepared, i: int, latents, features, negative) -> dict:
+    s = prep.schedule
+    return {
+        "latents": latents,
+        "timestep": scalar(s.timesteps[i]),
+        "sigma": scalar(s.sigmas[i]),
+        "sigma_next": scalar(s.sigmas[i + 1]),
+        "features": features,
+        "negative": negative,
+        "guidance": scalar(prep.params.decoder_guidance),
+    }
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens or the context)
+
+
+class _CountingPrompts:
+    """The Generator's prompt encoder, recording the prompt length and the tokens decoded."""
+
+    def __init__(self, prompts) -> None:
+        self._prompts = prompts
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def chat_ids(self, question, num_image_tokens):
+        ids = self._prompts.chat_ids(question, num_image_tokens)
+        self.prompt_tokens = len(ids)
+        return ids
+
+    def decode(self, ids):
+        self.completion_tokens = max(self.completion_tokens, len(ids))
+        return self._prompts.decode(ids)
+
+    def __getattr__(self, name):
+        return getattr(self._prompts, name)
+
+
+class _CountingGen:
+    def __init__(self, gen, prompts) -> None:
+        self._gen, self.prompts = gen, prompts
+
+    def __getattr__(self, name):
+        return getattr(self._gen, name)
+
+
+def answer(gen, image, question: str, *, max_tokens: int, stream=None) -> Answer:
+    """Greedy answer about `image` with usage counts; `stream(text)` gets text as decoded."""
+    prompts = _CountingPrompts(gen.prompts)
+    with gen._lock:
+        text = answer_tokens(
+            _CountingGen(gen, prompts),
+            image,
+            question,
+            max_new_tokens=max_tokens,
+            stream=stream if stream is not None else (lambda _s: None),
+        )
+    context = graph_spec(gen.manifest, "decode").dim("past").max
+    hit_limit = prompts.completion_tokens >= max_tokens or (
+        prompts.prompt_tokens + prompts.completion_tokens > context
+    )
+    return Answer(
+        text=text,
+        prompt_tokens=prompts.prompt_tokens,
+        completion_tokens=prompts.completion_tokens,
+        finish_reason="length" if hit_limit else "stop",
+    )
+
+
+MAX_TOKENS = MAX_NEW_TOKENS
+
+
+def generator_with_sessions(folder, make_session):
+    """A Generator over `folder`'s host assets whose generation graphs are `make_session(spec)`
+    (the Triton orchestrator's BLS sessions): the runtime's own loop, someone else's sessions.
+    The `torch` backend name only skips the ONNX Runtime checks; no torch session ever opens."""
+    from runtime.generator import Generator
+
+    gen = Generator.from_dir(folder, backend="torch", device="cpu", verify=False)
+    for name in ("prefill", "dit_step", "unet_step", "vae_decoder"):
+        gen._sessions[name] = make_session(graph_spec(gen.manifest, name))
+    return gen

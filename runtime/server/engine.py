@@ -1,0 +1,401 @@
+"""The engine thread: one per Generator, it steps every running request, batching compatible ones.
+
+Requests enter a bounded queue (`QueueFull` when it is full: the HTTP layer answers 429 with
+`Retry-After`). The thread admits up to `max_running` of them, runs each one's prefill (prompts
+differ in length and the prefill graph has no attention mask, so prefills are not batched), then
+repeatedly picks the group holding the oldest running request and makes one session call for it:
+
+- a group is the requests at the same point of the same schedule: `("dit", step, steps,
+  guidance)`, `("unet", step, decoder_steps, decoder_guidance)` or `("vae",)`; the step graphs
+  take one timestep, sigma and guidance per call (`[1]` inputs) and a dynamic `batch` axis, so
+  only such requests can share a call;
+- its rows (a request of `n` images is `n` rows) are concatenated up to `max_batch` (the
+  graphs' `batch` max), each with its own seeded noise, and split back after the call.
+
+Outputs are copied to the host after every call (`session.to_host`): GPU sessions return views
+into their own buffers, which the next group's call would overwrite. Cancellation (a client gone,
+or the job API) is checked between calls. Chat requests run on the same thread, one whole answer
+per work item (today's runtime answers in one call; see `adapter.answer`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime import checks
+from runtime.generation import to_pil
+from runtime.server import adapter
+
+log = logging.getLogger(__name__)
+_SEQ = itertools.count()
+HINT = "lower the guidance scales or check the engine folder (python export/check.py)"
+
+
+class QueueFull(Exception):
+    """The bounded queue holds `max_queue` requests: shed this one (429 + Retry-After)."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down or failed to start (503)."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (client gone, or a cancel call) before it finished."""
+
+
+@dataclass(eq=False)
+class ImageTask:
+    """One image request as the engine sees it; the HTTP layer watches its fields."""
+
+    prep: adapter.Prepared
+    partial_images: int = 0
+    on_event: Callable[[str, ImageTask, object], None] | None = None  # called on the thread
+    seq: int = field(default_factory=lambda: next(_SEQ))
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    stage: str = "queued"
+    step: int = 0  # index within the stage
+    steps_done: int = 0
+    error: BaseException | None = None
+    images: list | None = None  # PIL images once succeeded
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+    _latents: np.ndarray | None = None
+    _cond: np.ndarray | None = None
+    _features: np.ndarray | None = None
+    _done_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def rows(self) -> int:
+        return self.prep.params.num_images
+
+    @property
+    def steps_total(self) -> int:
+        p = self.prep.params
+        return 1 + p.steps + p.decoder_steps + 1
+
+    @property
+    def done(self) -> bool:
+        return self._done_event.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done_event.wait(timeout)
+
+    def key(self) -> tuple:
+        p = self.prep.params
+        if self.stage == "dit":
+            return ("dit", self.step, p.steps, p.guidance)
+        if self.stage == "unet":
+            return ("unet", self.step, p.decoder_steps, p.decoder_guidance)
+        return (self.stage,)
+
+    def partial_steps(self) -> set[int]:
+        """UNet step indices after which a partial image is sent (evenly spaced, not the last)."""
+        n, k = self.prep.params.decoder_steps, self.partial_images
+        return {round((j + 1) * n / (k + 1)) - 1 for j in range(k)} - {n - 1} if k else set()
+
+
+@dataclass(eq=False)
+class CallTask:
+    """A unit of work run whole on the engine thread (a chat answer)."""
+
+    fn: Callable[[], object]
+    on_done: Callable[[], None] | None = None  # called on the thread once finished
+    seq: int = field(default_factory=lambda: next(_SEQ))
+    status: str = "queued"
+    result: object = None
+    error: BaseException | None = None
+    cancel_requested: bool = False
+    _done_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def done(self) -> bool:
+        return self._done_event.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done_event.wait(timeout)
+
+
+class Engine:
+    """Owns a Generator and the thread that steps it; thread-safe `submit` for the HTTP layer."""
+
+    def __init__(
+        self,
+        gen,
+        *,
+        max_batch: int | None = None,
+        max_running: int | None = None,
+        max_queue: int = 64,
+        metrics=None,
+    ) -> None:
+        limit = adapter.max_batch(gen)
+        self.gen = gen
+        self.max_batch = checks.integer(
+            "max_batch", limit if max_batch is None else max_batch, 1, limit
+        )
+        self.max_running = checks.integer(
+            "max_running", self.max_batch if max_running is None else max_running, 1, 4096
+        )
+        self.max_queue = checks.integer("max_queue", max_queue, 0, 1 << 20)
+        self.metrics = metrics
+        self._queue: collections.deque = collections.deque()
+        self._running: list[ImageTask] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="blip3o-engine", daemon=True)
+        self.step_seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: dict[str, int] = collections.defaultdict(int)
+        self._thread.start()
+
+    # public ---------------------------------------------------------------------------------
+    def submit(self, task) -> None:
+        with self._cv:
+            if self._closed:
+                raise EngineClosed("the engine is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(
+                    f"the queue holds {len(self._queue)} requests (max {self.max_queue})"
+                )
+            self._queue.append(task)
+            self._gauges()
+            self._cv.notify()
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # the thread -----------------------------------------------------------------------------
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.running.set(len(self._running))
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._queue and not self._running:
+                    self._cv.wait()
+                if self._closed:
+                    pending = list(self._queue) + self._running
+                    self._queue.clear()
+                    self._running.clear()
+                    break
+                call = None
+                while self._queue and len(self._running) < self.max_running:
+                    head = self._queue.popleft()
+                    if isinstance(head, CallTask):
+                        call = head
+                        break
+                    self._running.append(head)
+                self._gauges()
+            if call is not None:
+                self._run_call(call)
+                continue
+            try:
+                self._step_once()
+            except Exception:  # a bug in the engine itself: fail what is running, keep serving
+                log.exception("engine step failed")
+                for task in list(self._running):
+                    self._finish(task, "failed", RuntimeError("internal engine error"))
+        for task in pending:
+            task.error = EngineClosed("the server shut down before this request finished")
+            task.status = "cancelled"
+            if isinstance(task, CallTask):
+                self._call_done(task)
+            else:
+                task._done_event.set()
+                self._emit("done", task, None)
+
+    def _run_call(self, call: CallTask) -> None:
+        if call.cancel_requested:
+            call.status = "cancelled"
+            self._count_cancel()
+        else:
+            call.status = "running"
+            try:
+                call.result = call.fn()
+                call.status = "succeeded"
+            except Cancelled as err:
+                call.error, call.status = err, "cancelled"
+                self._count_cancel()
+            except Exception as err:  # UserError and friends go back to the caller
+                call.error, call.status = err, "failed"
+        self._call_done(call)
+
+    def _call_done(self, call: CallTask) -> None:
+        call._done_event.set()
+        if call.on_done is not None:
+            try:
+                call.on_done()
+            except Exception:
+                log.exception("done callback failed")
+
+    def _count_cancel(self) -> None:
+        if self.metrics is not None:
+            self.metrics.cancels.inc()
+
+    def _finish(self, task: ImageTask, status: str, error: BaseException | None = None) -> None:
+        task.status, task.error, task.finished = status, error, time.time()
+        if status == "cancelled":
+            self._count_cancel()
+        with self._cv:
+            if task in self._running:
+                self._running.remove(task)
+            self._gauges()
+        task._latents = task._cond = task._features = None
+        task._done_event.set()
+        self._emit("done", task, None)
+
+    def _emit(self, kind: str, task: ImageTask, payload) -> None:
+        if task.on_event is not None:
+            try:
+                task.on_event(kind, task, payload)
+            except Exception:
+                log.exception("event callback failed")
+
+    def _timed(self, stage: str, rows: int, fn):
+        start = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - start
+        self.step_seconds[stage] += seconds
+        self.calls[stage] += 1
+        if self.metrics is not None:
+            self.metrics.step_seconds.labels(stage).observe(seconds)
+            self.metrics.batch_size.labels(stage).observe(rows)
+        return out
+
+    def _step_once(self) -> None:
+        for task in [t for t in self._running if t.cancel_requested]:
+            self._finish(task, "cancelled", Cancelled("cancelled"))
+        fresh = [t for t in self._running if t.stage == "queued"]
+        for task in fresh:  # all admitted prefills first, so a burst stays in step
+            task.status, task.stage, task.started = "running", "prefill", time.time()
+            try:
+                cond = self._timed(
+                    "prefill",
+                    1,
+                    lambda t=task: adapter.conditioning(self.gen, t.prep.params.prompt),
+                )
+            except Exception as err:
+                self._finish(task, "failed", err)
+                continue
+            task._cond = np.repeat(cond, task.rows, axis=0).astype(self.gen.io_dtype)
+            task._latents = task.prep.noise.astype(self.gen.io_dtype)
+            task.stage, task.step = "dit", 0
+            self._advance(task)
+        if fresh or not self._running:
+            return
+        oldest = min(self._running, key=lambda t: t.seq)
+        key = oldest.key()
+        group, rows = [], 0
+        for task in sorted(self._running, key=lambda t: t.seq):
+            if task.key() == key and rows + task.rows <= self.max_batch:
+                group.append(task)
+                rows += task.rows
+        try:
+            {"dit": self._dit, "unet": self._unet, "vae_decoder": self._vae}[oldest.stage](group)
+        except Exception as err:
+            for task in group:
+                self._finish(task, "failed", err)
+
+    def _advance(self, task: ImageTask) -> None:
+        task.steps_done += 1
+        self._emit("progress", task, None)
+
+    def _dit(self, group: list[ImageTask]) -> None:
+        gen, first = self.gen, group[0]
+        i = first.step
+        latents = np.concatenate([t._latents for t in group])  # (R, C, 8, 8)
+        cond = np.concatenate([t._cond for t in group])  # (R, 64, H)
+        dit = gen.session("dit_step")
+        feeds = adapter.dit_feeds(gen, first.prep, i, latents, cond)
+        out = self._timed("dit", len(latents), lambda: dit.to_host(dit.run(feeds)["next_latents"]))
+        for task, part in zip(group, _split(out, group)):
+            task._latents, task.step = part, i + 1
+            if task.step == task.prep.params.steps:
+                grid = part.astype(np.float32)  # (N, C, 8, 8)
+                features = grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1)
+                try:
+                    checks.finite("the DiT's image features", features, HINT)
+                except Exception as err:
+                    self._finish(task, "failed", err)
+                    continue
+                task._features = np.ascontiguousarray(features.astype(gen.io_dtype))
+                s = task.prep.schedule
+                task._latents = (task.prep.latent_noise * s.init_noise_sigma).astype(gen.io_dtype)
+                task.stage, task.step = "unet", 0
+            self._advance(task)
+
+    def _unet(self, group: list[ImageTask]) -> None:
+        gen, first = self.gen, group[0]
+        i = first.step
+        negative = adapter.negative_features(gen).astype(gen.io_dtype)  # (1, 64, C)
+        latents = np.concatenate([t._latents for t in group])  # (R, 4, l, l)
+        features = np.concatenate([t._features for t in group])  # (R, 64, C)
+        unet = gen.session("unet_step")
+        feeds = adapter.unet_feeds(gen, first.prep, i, latents, features, negative)
+        out = self._timed(
+            "unet", len(latents), lambda: unet.to_host(unet.run(feeds)["next_latents"])
+        )
+        partial = [t for t in group if i in t.partial_steps()]
+        for task, part in zip(group, _split(out, group)):
+            task._latents, task.step = part, i + 1
+            if task.step == task.prep.params.decoder_steps:
+                task.stage, task.step = "vae_decoder", 0
+            self._advance(task)
+        if partial:  # previews: the current latents through the VAE, for those that asked
+            latents = np.concatenate([t._latents for t in partial])
+            images = self._decode(latents, partial)
+            for task, part in zip(partial, _split(images, partial)):
+                index = sorted(task.partial_steps()).index(i)
+                self._emit("partial", task, (index, [to_pil(x) for x in part]))
+
+    def _decode(self, latents: np.ndarray, group: list[ImageTask]) -> np.ndarray:
+        vae = self.gen.session("vae_decoder")
+        return self._timed(
+            "vae_decoder",
+            len(latents),
+            lambda: vae.to_host(vae.run({"latents": latents})["images"]).astype(np.float32),
+        )
+
+    def _vae(self, group: list[ImageTask]) -> None:
+        latents = np.concatenate([t._latents for t in group])  # (R, 4, l, l)
+        images = self._decode(latents, group)  # (R, 3, S, S)
+        for task, part in zip(group, _split(images, group)):
+            try:
+                checks.finite("the decoded image", part, HINT)
+            except Exception as err:
+                self._finish(task, "failed", err)
+                continue
+            task.images = [to_pil(x) for x in part]
+            task.stage = "done"
+            task.steps_done += 1
+            self._finish(task, "succeeded")
+
+
+def _split(batch: np.ndarray, group: list[ImageTask]) -> list[np.ndarray]:
+    bounds = np.cumsum([t.rows for t in group])[:-1]
+    return [np.ascontiguousarray(p) for p in np.split(batch, bounds)]

@@ -1,0 +1,118 @@
+"""Step-level batching in the server's engine thread: compatible requests share session calls,
+each keeps its own seed, and a batched image equals the same request run alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtime.server import adapter
+from runtime.server.engine import Engine, ImageTask
+
+STEPS, DECODER_STEPS = 3, 4
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_engine_dir):
+    from runtime.generator import Generator
+
+    with Generator.from_dir(tiny_engine_dir) as g:
+        g.negative_features()
+        yield g
+
+
+def task(gen, prompt, seed, n=1, guidance=None):
+    prep = adapter.prepare(
+        gen,
+        prompt,
+        seed=seed,
+        steps=STEPS,
+        guidance=guidance,
+        decoder_steps=DECODER_STEPS,
+        decoder_guidance=None,
+        num_images=n,
+    )
+    return ImageTask(prep)
+
+
+def run_all(engine, tasks):
+    for t in tasks:
+        engine.submit(t)
+    for t in tasks:
+        assert t.wait(120), "the engine did not finish"
+        assert t.status == "succeeded", t.error
+
+
+def test_the_batch_limit_comes_from_the_graph_specs(gen):
+    assert adapter.max_batch(gen) == 4  # dit_step, unet_step, vae_decoder: dynamic batch 1..4
+    with pytest.raises(ValueError, match="max_batch must be in"):
+        Engine(gen, max_batch=5)
+
+
+def test_batched_images_equal_each_request_alone(gen):
+    engine = Engine(gen)  # max_batch 4, max_running 4
+    try:
+        # rows 1 + 1 + 2 = 4: one call per step for all three requests
+        tasks = [
+            task(gen, "a red circle", 1),
+            task(gen, "a blue square", 2),
+            task(gen, "a green triangle", 3, n=2),
+        ]
+        run_all(engine, tasks)
+        assert engine.calls["dit"] == STEPS and engine.calls["unet"] == DECODER_STEPS
+        assert engine.calls["vae_decoder"] == 1 and engine.calls["prefill"] == 3
+        for t in tasks:
+            p = t.prep.params
+            alone = gen.generate(
+                p.prompt,
+                seed=p.seed,
+                steps=STEPS,
+                decoder_steps=DECODER_STEPS,
+                num_images=p.num_images,
+            )
+            for got, ref in zip(t.images, alone):
+                got, ref = np.asarray(got, np.int16), np.asarray(ref, np.int16)
+                # fp32 tolerance: a batched matmul may round differently, at most one level
+                assert np.abs(got - ref).max() <= 1
+                assert (got == ref).mean() > 0.99
+        # the seeds are per request: the two images of one request differ, as alone
+        a, b = (np.asarray(x) for x in tasks[2].images)
+        assert not np.array_equal(a, b)
+    finally:
+        engine.close()
+
+
+def test_incompatible_requests_do_not_share_a_call(gen):
+    engine = Engine(gen)
+    try:
+        tasks = [
+            task(gen, "a red circle", 1, guidance=3.0),
+            task(gen, "a red circle", 1, guidance=2.0),
+        ]
+        run_all(engine, tasks)
+        assert engine.calls["dit"] == 2 * STEPS  # guidance differs: one call each per step
+        # the first ran ahead (oldest first), so the two never meet at one UNet step either
+        assert engine.calls["unet"] == 2 * DECODER_STEPS
+        assert not np.array_equal(np.asarray(tasks[0].images[0]), np.asarray(tasks[1].images[0]))
+    finally:
+        engine.close()
+
+
+def test_rows_over_the_limit_are_split(gen):
+    engine = Engine(gen, max_running=8)
+    try:
+        tasks = [task(gen, "a red circle", s) for s in range(6)]
+        run_all(engine, tasks)
+        assert engine.calls["dit"] == 2 * STEPS  # 4 + 2 rows
+    finally:
+        engine.close()
+
+
+def test_one_at_a_time(gen):
+    engine = Engine(gen, max_batch=1, max_running=1)
+    try:
+        tasks = [task(gen, "a red circle", s) for s in range(3)]
+        run_all(engine, tasks)
+        assert engine.calls["dit"] == 3 * STEPS and engine.calls["vae_decoder"] == 3
+    finally:
+        engine.close()
