@@ -65,8 +65,10 @@ def measure(engines: Path, *, tokens: int = 48, threads: int | None = 1) -> dict
             else:
                 fill = capacity - tokens - 4 - prompt  # room for the warm-up and timed tokens
                 if fill < 0:
-                    raise SystemExit(f"--tokens {tokens} leaves no long context (capacity "
-                                     f"{capacity}, prompt {prompt})")
+                    raise SystemExit(
+                        f"--tokens {tokens} leaves no long context (capacity "
+                        f"{capacity}, prompt {prompt})"
+                    )
                 job.append_tokens([first] * fill)
             rows[name] = job._position
             _timed_tokens(job, 2)  # warm-up

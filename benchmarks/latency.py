@@ -6,14 +6,15 @@ engine folder (ONNX Runtime fp32, INT8/FP8 Q/DQ), end to end and per graph.
 
 Each configuration runs in its own subprocess, so peak RSS is per configuration and the runtime's
 process never imports torch. Per configuration: load time (open the folder or build the model,
-open every session) and the first `generate` / `answer` (which pays for the decoder's negative
-features unless the engine folder has them cached); then `--warmup` and `--runs` of `generate`
-and `answer` (min / p50 / p90). Every session call (runtime) or model forward (reference, by
-forward hooks) is timed on the real feeds, which gives the per-graph per-call latency, the time
-per stage, and the loop's host overhead: end-to-end time minus the time inside the calls. The
-reference uses the engine folder's own weights (its checkpoint, or the seeded random weights of a
-random-weight folder). Writes `latency.json` (machine, versions, settings, every number, ratios,
-targets) and `latency.png` (time per stage per configuration) under `--out`; prints the table.
+open every session) and the first `generate` / `answer` (the reference's first `generate` also
+samples the decoder's negative when its setting is blank_prompt; engine folders hold it); then
+`--warmup` and `--runs` of `generate` and `answer` (min / p50 / p90). Every session call (runtime)
+or model forward (reference, by forward hooks) is timed on the real feeds, which gives the per-graph
+per-call latency, the time per stage, and the loop's host overhead: end-to-end time minus the
+time inside the calls. The reference uses the engine folder's own weights (its checkpoint, or the
+seeded random weights of a random-weight folder). Writes `latency.json` (machine, versions,
+settings, every number, ratios, targets) and `latency.png` (time per stage per configuration)
+under `--out`; prints the table.
 """
 
 from __future__ import annotations
@@ -201,8 +202,6 @@ def worker(cfg: dict) -> dict:
     def answer():
         return model.answer(image, QUESTION, max_new_tokens=s["max_new_tokens"])
 
-    negative_file = Path(cfg["folder"]) / "negative_features.npy"
-    negative_cached = cfg["kind"] != "reference" and negative_file.is_file()
     start = time.perf_counter()
     generate(**kw)
     first_generate_s = time.perf_counter() - start
@@ -221,7 +220,6 @@ def worker(cfg: dict) -> dict:
         "load_s": load_s,
         "first_generate_s": first_generate_s,
         "first_answer_s": first_answer_s,
-        "negative_features_cached_at_start": negative_cached,
         "peak_rss_bytes": peak_rss_bytes(),
         "device_memory_peak_bytes": device_memory,
         "generate_runs": gen_runs,

@@ -34,6 +34,7 @@ from export.plan import (  # noqa: E402
 )
 from runtime.errors import UserError  # noqa: E402
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS  # noqa: E402
+from runtime.manifest_schema import DECODER_NEGATIVES  # noqa: E402
 
 log = logging.getLogger("build_engines")
 
@@ -95,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         "a difference), checkpoint (build with the file's values) or preset (keep the preset's)",
     )
     parser.add_argument(
+        "--decoder-negative",
+        choices=DECODER_NEGATIVES,
+        help="the decoder's CFG negative: blank_prompt (the DiT's features of the blank prompt, "
+        "BLIP3-o as published) or zeros (what a decoder trained with zeroed conditions saw); "
+        "default: the checkpoint config's (blank_prompt for 4b/8b, zeros for tiny)",
+    )
+    parser.add_argument(
         "--layers",
         type=int,
         metavar="N",
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_count=args.calibration_count,
         layers=args.layers,
         decoder_scheduler=args.decoder_scheduler,
+        decoder_negative=args.decoder_negative,
         device=args.device,
         force=args.force,
         dry_run=args.dry_run,

@@ -1,7 +1,8 @@
 """What `build_engines.py` does: validate the request, check the weights, plan and run the stages.
 
 One folder per variant (and depth), precision and backend. Stages, in order: `assets`
-(tokenizer, token embeddings, latent queries for the host), `export:<graph>` (ONNX at fp32, or
+(tokenizer, token embeddings, latent queries for the host), `negative` (the decoder's CFG
+negative features, per `sampler.decoder_negative`), `export:<graph>` (ONNX at fp32, or
 fp16/bf16 for those precisions), `quantize:<graph>` (INT8/FP8 Q/DQ of the generation graphs,
 calibrated with the real sampler), `engine:<graph>` (TensorRT, only with `--backend tensorrt`).
 The checkpoint is checked before the folder is made (`export.source`); graphs are exported one
@@ -31,7 +32,7 @@ from runtime.errors import UserError
 from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
 from runtime.hardware import PLANNING_SM, auto_precision, resolve_precision
 from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
-from runtime.manifest_schema import SCHEMAS
+from runtime.manifest_schema import DECODER_NEGATIVES, SCHEMAS
 from runtime.spec import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class BuildRequest:
     calibration_count: int | None = None  # at most this many calibration prompts
     layers: int | None = None  # reduced depth at real widths (training.config.reduced_depth)
     decoder_scheduler: str = "check"  # the checkpoint's scheduler config vs the preset
-    device: str = "auto"  # where calibration runs: cuda when torch sees a GPU
+    device: str = "auto"  # where calibration and the negative run: cuda when torch sees a GPU
+    decoder_negative: str | None = None  # blank_prompt|zeros; None: the checkpoint config's
 
 
 def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | None]:
@@ -87,6 +89,11 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
         raise BuildError(f"unknown graph(s) {bad}; valid: {', '.join(GRAPHS)}")
     if request.device not in DEVICES:
         raise BuildError(f"unknown device {request.device!r}; valid: {', '.join(DEVICES)}")
+    if request.decoder_negative not in (None, *DECODER_NEGATIVES):
+        raise BuildError(
+            f"unknown decoder negative {request.decoder_negative!r}; valid: "
+            f"{', '.join(DECODER_NEGATIVES)}"
+        )
     if request.decoder_scheduler not in DECODER_SCHEDULER:
         raise BuildError(
             f"unknown decoder scheduler mode {request.decoder_scheduler!r}; valid: "
@@ -242,6 +249,8 @@ def _run_stages(engine: EngineFolder, factory, names: list[str], request: BuildR
     source.prepare("host")
     _run_stage(engine, factory.assets())
     bar.update(1)
+    _run_stage(engine, factory.negative(engine))
+    bar.update(1)
     for name in names:
         bar.set_description(name)
         source.prepare(GRAPH_COMPONENT[name])
@@ -292,6 +301,7 @@ def _start_manifest(folder, request, precision, source, sm, trt, versions) -> di
             "decoder_steps": s.decoder_steps,
             "decoder_guidance": s.decoder_guidance,
             "negative_seed": s.negative_seed,
+            "decoder_negative": s.decoder_negative,
             "image_size": source.config.image_size,
         },
         tools=versions,
@@ -319,7 +329,7 @@ def _print_plan(engine, factory, names, folder, source) -> None:
             prompts=len(prompts),
             held_out=len(held),
             steps=factory.calibration_steps(),
-            negative_steps=source.config.sampler.steps,
+            negative_steps=0,  # the negative is a stage of its own: calibration reads it
             device=calibration_device(factory.request.device),
         )
     costs = resources.stage_costs(

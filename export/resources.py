@@ -168,6 +168,9 @@ def stage_costs(
         if kind == "assets":
             size = params.host * BYTES[host]
             out.append(StageCost(name, f"host {host}", BASE_BYTES + size, size))
+        elif kind == "negative":  # the text decoder, then the DiT (blank_prompt)
+            loaded = max(params.components[c] for c in ("lm", "dit")) * BYTES[onnx]
+            out.append(StageCost(name, f"lm, dit {onnx}", BASE_BYTES + loaded, 0))
         elif kind == "export":
             comp = graph_components[graph]
             loaded = params.components[comp] * BYTES[onnx]
@@ -192,7 +195,8 @@ def stage_costs(
             size = params.graphs[graph] * BYTES[precision if graph in quantized else onnx]
             out.append(StageCost(name, "-", BASE_BYTES + int(ENGINE_COPIES * size), size))
         else:
-            raise ValueError(f"unknown stage {name!r}; kinds: assets, export, quantize, engine")
+            kinds = "assets, negative, export, quantize, engine"
+            raise ValueError(f"unknown stage {name!r}; kinds: {kinds}")
     return out
 
 

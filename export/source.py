@@ -18,6 +18,7 @@ seeded pipeline once instead.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
@@ -104,6 +105,10 @@ class ModelSource:
             self.config = cfg if request.layers is None else reduced_depth(cfg, request.layers)
             self.hash = f"random-weights-seed-{request.seed}"
             self.label = f"RANDOM weights (seed {request.seed}): not a trained model"
+        mode = getattr(request, "decoder_negative", None)
+        if mode is not None:  # the build's choice over the checkpoint config's
+            s = dataclasses.replace(self.config.sampler, decoder_negative=mode)
+            self.config = dataclasses.replace(self.config, sampler=s)
 
     def _checked_config(self, ckpt: Path):
         from training.checkpoint import DECODER_DIR, verify_checkpoint

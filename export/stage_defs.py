@@ -1,6 +1,7 @@
 """The stages of an engine folder build and the manifest entries they produce.
 
-Per graph: `export:<graph>` always; `quantize:<graph>` for INT8/FP8 folders and quantizable
+`assets` (host files) and `negative` (the decoder's CFG negative features) first; per graph:
+`export:<graph>` always; `quantize:<graph>` for INT8/FP8 folders and quantizable
 graphs; `engine:<graph>` with the TensorRT backend. A later stage's key includes the sha256 of
 the file the earlier stage produced, so it is computed only once that stage has run.
 """
@@ -18,6 +19,7 @@ from runtime.spec import io_dtype, spec_to_dict
 
 log = logging.getLogger(__name__)
 QUANTIZED = ("int8", "fp8")
+NEGATIVE_FILE = "negative_features.npy"
 DEFAULT_PROMPTS = 32  # calibration prompts without a prompt file (ModelOpt: 32-128)
 HELD_OUT_PROMPTS = 2  # other prompts and seeds, to measure the Q/DQ error on
 
@@ -90,7 +92,7 @@ class StageFactory:
         return name in QUANTIZABLE
 
     def stage_names(self, names) -> list[str]:
-        out = ["assets"]
+        out = ["assets", "negative"]
         for n in names:
             out.append(f"export:{n}")
             if self.quantized(n):
@@ -102,15 +104,63 @@ class StageFactory:
     def preview(self, names, engine: EngineFolder):
         """(stage name, stage or None when its key needs an earlier stage's output)."""
         yield "assets", self.assets()
+        yield "negative", None
         for n in names:
             export = self.export(n)
             yield export.name, export
-            later = [s for s in self.stage_names([n]) if s not in ("assets", export.name)]
+            later = [
+                s for s in self.stage_names([n]) if s not in ("assets", "negative", export.name)
+            ]
             for s in later:
                 yield s, None
 
     def assets(self) -> Stage:
         return assets_stage(self.source, self.precision)
+
+    def negative(self, engine: EngineFolder) -> Stage:
+        """The decoder's CFG negative, `negative_features.npy` (1, 64, C) float32, per
+        `sampler.decoder_negative`: zeros, or the DiT's features of the blank prompt sampled by
+        the runtime's own loop over the model (in the graphs' dtype, on the build's device)."""
+        cfg = self.source.config
+        s, d = cfg.sampler, cfg.dit
+        dtype = onnx_precision(self.precision)
+
+        def run(tmp: Path) -> dict:
+            if s.decoder_negative == "zeros":
+                negative = np.zeros((1, d.num_tokens, d.in_channels), np.float32)
+            else:
+                negative = self._blank_prompt_features(engine, dtype)
+            np.save(tmp / NEGATIVE_FILE, negative.astype(np.float32))  # (1, 64, C)
+            return {}
+
+        key = {"decoder_negative": s.decoder_negative, "shape": [d.num_tokens, d.in_channels]}
+        if s.decoder_negative != "zeros":
+            key.update(
+                checkpoint=self.source.hash,
+                precision=dtype,
+                sampler={k: getattr(s, k) for k in ("steps", "guidance", "negative_seed")},
+                prompt=engine.manifest["template"]["negative_prompt"],
+                assets=engine.manifest["stages"]["assets"]["files"],
+                code=exporter_source_hash("negative"),
+            )
+        return Stage("negative", key, run, info={"decoder_negative": s.decoder_negative})
+
+    def _blank_prompt_features(self, engine: EngineFolder, dtype: str) -> np.ndarray:
+        from export.model_sessions import ModelGraphs, model_generator
+        from export.source import calibration_device
+        from runtime.generation import blank_prompt_features
+
+        device = calibration_device(self.request.device)
+        graphs = ModelGraphs(self.source, dtype=dtype, device=device)
+        log.info("negative: the blank prompt's DiT features (%s, %s)", dtype, device)
+        try:
+            gen = model_generator(
+                engine.folder, engine.manifest, self.host_entry(engine, negative=False),
+                self.specs, graphs.open, precision=dtype, device=device,
+            )  # fmt: skip
+            return blank_prompt_features(gen)
+        finally:
+            graphs.release()
 
     def export(self, name: str) -> Stage:
         return export_stage(name, self.specs[name], self.source, self.precision, self.versions)
@@ -239,12 +289,11 @@ class StageFactory:
 
     def graph_entry(self, name: str, engine: EngineFolder) -> dict:
         record = self._onnx_stage(name, engine)
-        files = {f["file"]: f["sha256"] for f in record["files"]}
-        main = record["onnx"]
+        files = {f["file"]: f for f in record["files"]}
+        main = files.pop(record["onnx"])
         entry = {
-            "file": main,
-            "sha256": files.pop(main),
-            "external_data": [{"file": f, "sha256": h} for f, h in sorted(files.items())],
+            **main,
+            "external_data": [files[f] for f in sorted(files)],
             "precision": self.precision if self.quantized(name) else onnx_precision(self.precision),
             "spec": spec_to_dict(self.specs[name]),
         }
@@ -252,13 +301,17 @@ class StageFactory:
             entry["quantization"] = record["quantization"]
         trt = engine.manifest["stages"].get(f"engine:{name}")
         if self.request.backend == "tensorrt" and trt:
-            entry["engine"] = {"file": trt["engine"], "sha256": trt["files"][0]["sha256"]}
+            entry["engine"] = next(f for f in trt["files"] if f["file"] == trt["engine"])
         return entry
 
-    def host_entry(self, engine: EngineFolder) -> dict:
-        files = {f["file"]: f for f in engine.manifest["stages"]["assets"]["files"]}
-        return {
+    def host_entry(self, engine: EngineFolder, *, negative: bool = True) -> dict:
+        stages = engine.manifest["stages"]
+        files = {f["file"]: f for f in stages["assets"]["files"]}
+        host = {
             "embeddings": files["embeddings.npy"],
             "latent_queries": files["latent_queries.npy"],
             "tokenizer": files["tokenizer.json"],
         }
+        if negative:
+            (host["negative_features"],) = stages["negative"]["files"]
+        return host

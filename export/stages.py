@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.manifest import MANIFEST, atomic_write_json, sha256_file
+from runtime.manifest import MANIFEST, UNVERIFIED, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,11 @@ _MODEL_SOURCES = (
 _SOURCE_DIRS = {
     "assets": (*_MODEL_SOURCES, "export/stage_defs.py"),
     "export": (*_MODEL_SOURCES, "export/onnx_export.py", "export/wrappers", "runtime/spec.py"),
+    "negative": (
+        *(*_MODEL_SOURCES, "export/wrappers", "export/model_sessions.py"),
+        *("runtime/generation.py", "runtime/generator.py", "runtime/text.py"),
+        *("runtime/schedule.py", "export/torch_backend.py"),
+    ),
     "quantize": (
         *_MODEL_SOURCES,
         *("export/quantize.py", "export/calibration.py", "export/onnx_export.py"),
@@ -213,6 +218,7 @@ class EngineFolder:
             path = self.folder / entry["file"]
             if not path.is_file() or sha256_file(path) != entry["sha256"]:
                 return False
+            entry.setdefault("size", path.stat().st_size)  # records made before sizes were
         return True
 
     def run(self, stage: Stage) -> dict:
@@ -229,13 +235,17 @@ class EngineFolder:
             written = sorted(p for p in tmp.iterdir() if p.is_file())
             if not written:
                 raise RuntimeError(f"stage {stage.name} wrote no file")
-            files = [{"file": p.name, "sha256": sha256_file(p)} for p in written]
+            files = [
+                {"file": p.name, "sha256": sha256_file(p), "size": p.stat().st_size}
+                for p in written
+            ]
             for p in written:
                 os.replace(p, self.folder / p.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         record = {"key": stage.key, "files": files, **stage.info, **info}
         self.manifest["stages"][stage.name] = record
+        (self.folder / UNVERIFIED).touch()  # the runtime's first open hashes what changed
         self.save()
         log.info("%s: done", stage.name)
         return record

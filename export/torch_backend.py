@@ -2,7 +2,8 @@
 debugging. It lives next to the exporter, not in `runtime/` (which imports no torch and nothing
 of ours), and registers the "torch" backend with `runtime.sessions.register_backend` when
 imported: `import export.torch_backend`, then `Generator.from_dir(..., backend="torch")`. It
-needs the `train` extra (pip install 'blip3o-edge[train]') and imports `training` lazily. `path` is an engine folder: its manifest says
+needs the `train` extra (pip install 'blip3o-edge[train]') and imports `training` lazily.
+`path` is an engine folder: its manifest says
 which weights it was built from, a checkpoint (`checkpoint.path`, loaded with
 `training.checkpoint.load_pipeline`) or seeded random weights (`checkpoint.hash` =
 `random-weights-seed-N`, rebuilt with `export.plan.random_pipeline`). The pipeline is loaded once

@@ -10,7 +10,7 @@ Importing this package (and running a generation) never imports torch, transform
 
 from __future__ import annotations
 
-__all__ = ["Generator"]
+__all__ = ["Generator", "GeneratorParams"]
 
 
 def __getattr__(name: str):
@@ -18,4 +18,8 @@ def __getattr__(name: str):
         from runtime.generator import Generator
 
         return Generator
+    if name == "GeneratorParams":
+        from runtime.params import GeneratorParams
+
+        return GeneratorParams
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

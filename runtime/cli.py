@@ -20,6 +20,9 @@ from pathlib import Path
 
 from runtime import checks
 from runtime.errors import ResultError, UserError
+from runtime.manifest import VERIFY_MODES
+from runtime.params import add_arguments as add_params_arguments
+from runtime.params import from_arguments as params_from_arguments
 from runtime.sessions import BACKENDS
 
 DEFAULT_ENGINES = Path("engines/tiny-fp32")
@@ -36,6 +39,7 @@ def _open(args):
         backend=args.backend,
         device=args.device,
         low_memory=args.low_memory,
+        verify=args.verify,
         session_options=options,
     )
 
@@ -78,17 +82,10 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 def cmd_generate(args) -> int:
     timings: dict[str, float] = {}
-    paths = output_paths(args.out, args.num_images if isinstance(args.num_images, int) else 1)
+    params = params_from_arguments(args)  # checked before any work, like the output paths
+    paths = output_paths(args.out, params.num_images)
     with _open(args) as gen:
-        job = gen.start(
-            args.prompt,
-            seed=args.seed,
-            steps=args.steps,
-            guidance=args.guidance,
-            decoder_steps=args.decoder_steps,
-            decoder_guidance=args.decoder_guidance,
-            num_images=args.num_images,
-        )
+        job = gen.start(args.prompt, params)
         bar = _bar_or_none(job.total, args.quiet)
         while not job.done:
             start = time.perf_counter()
@@ -169,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cpu, cuda or tensorrt (ORT's EP); default: cuda for --backend tensorrt, else cpu",
     )
     common.add_argument("--low-memory", action="store_true", help="one stage's sessions at a time")
+    common.add_argument(
+        "--verify",
+        default="fast",
+        choices=VERIFY_MODES,
+        help="check the folder's files at open: fast (sizes; full once after a build), full "
+        "(sha256 of every file: tens of GB at 4b), none",
+    )
     common.add_argument("--timings", action="store_true", help="print per-stage times")
     common.add_argument("--threads", type=int, help="intra-op threads per ONNX Runtime session")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -176,12 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", parents=[common], help="text to image")
     g.add_argument("prompt")
     g.add_argument("--out", default="out.png", help="output image (suffixed -i for several)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, help="DiT flow steps (manifest default)")
-    g.add_argument("--guidance", type=float, help="DiT CFG scale (manifest default)")
-    g.add_argument("--decoder-steps", type=int, help="UNet steps (manifest default)")
-    g.add_argument("--decoder-guidance", type=float, help="UNet CFG scale (manifest default)")
-    g.add_argument("--num-images", type=int, default=1)
+    add_params_arguments(g)  # one option per GeneratorParams field
     g.set_defaults(func=cmd_generate)
 
     a = sub.add_parser("answer", parents=[common], help="answer a question about an image")

@@ -11,45 +11,12 @@ the DiT's noise (N, C, 8, 8) first and the decoder's (N, 4, l, l) second, float3
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import numpy as np
 from PIL import Image
 
 from runtime import checks
+from runtime.params import GeneratorParams
 from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
-
-MAX_STEPS = 1000
-# Classifier-free guidance past ~20 already saturates; 100 leaves room and refuses absurd
-# values (1e38 overflows the guided combine to inf and paints a black image).
-MAX_GUIDANCE = 100.0
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    prompt: str
-    seed: int
-    steps: int
-    guidance: float
-    decoder_steps: int
-    decoder_guidance: float
-    num_images: int
-
-    def validate(self, max_images: int) -> GenerationParams:
-        """The same params with every value checked (a `UserError` names the bad one) and
-        numpy scalars turned into Python numbers."""
-        return replace(
-            self,
-            prompt=checks.text("prompt", self.prompt),
-            seed=checks.integer("seed", self.seed, 0, 2**63 - 1),
-            steps=checks.integer("steps", self.steps, 1, MAX_STEPS),
-            decoder_steps=checks.integer("decoder_steps", self.decoder_steps, 1, MAX_STEPS),
-            guidance=checks.number("guidance", self.guidance, 0.0, MAX_GUIDANCE),
-            decoder_guidance=checks.number(
-                "decoder_guidance", self.decoder_guidance, 0.0, MAX_GUIDANCE
-            ),
-            num_images=checks.integer("num_images", self.num_images, 1, max_images),
-        )
 
 
 def draw_noise(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
@@ -64,8 +31,11 @@ def scalar(value: float, dtype=np.float32) -> np.ndarray:
 class GenerationJob:
     """One generation, advanced by `step()`; `result()` returns the PIL images when done."""
 
-    def __init__(self, gen, params: GenerationParams) -> None:
+    def __init__(self, gen, prompt: str, params: GeneratorParams) -> None:
+        if not params.is_resolved:
+            raise ValueError(f"params must be resolved against the folder first, got {params}")
         self.gen = gen
+        self.prompt = checks.text("prompt", prompt)
         self.params = params
         cfg = gen.config
         n = params.num_images
@@ -117,7 +87,7 @@ class GenerationJob:
     def _run(self):
         gen, p = self.gen, self.params
         io = gen.io_dtype
-        cond = gen.conditioning(p.prompt)  # (1, 64, H) host array
+        cond = gen.conditioning(self.prompt)  # (1, 64, H) host array
         cond = np.repeat(cond, p.num_images, axis=0).astype(io)
         yield "prefill"
         self.stage = "dit"
@@ -182,6 +152,20 @@ def flow_features(gen, cond: np.ndarray, noise: np.ndarray, steps: int, guidance
     grid = dit.to_host(latents).astype(np.float32)  # (N, C, 8, 8)
     gen.release("dit_step")
     yield grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1).copy()  # (N, 64, C)
+
+
+def blank_prompt_features(gen) -> np.ndarray:
+    """(1, 64, C) BLIP3-o's decoder negative as published: the DiT's features of the manifest's
+    blank prompt (raw text, no template), sampled once with the sampler's steps, guidance and
+    `negative_seed`. The build's `negative` stage runs it; the runtime reads the file."""
+    s = gen.manifest["sampler"]
+    d = gen.config["dit"]
+    (noise,) = draw_noise(
+        s["negative_seed"], (1, d["in_channels"], d["input_size"], d["input_size"])
+    )
+    cond = gen.conditioning(gen.manifest["template"]["negative_prompt"], template=False)
+    *_, negative = flow_features(gen, cond, noise, s["steps"], s["guidance"])  # (1, 64, C)
+    return negative
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:

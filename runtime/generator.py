@@ -5,17 +5,15 @@
         print(gen.answer(image, "Describe the image."))
 
 Sessions open lazily, one per graph, on the chosen backend; `low_memory=True` keeps only the
-running stage's session open (for 8-16 GB Jetson boards). The decoder's negative features (a
-blank prompt sampled once with the manifest's seed) are computed on first use and cached in the
-engine folder. Thread safety: one Generator serializes its calls with a lock, so it may be shared
-between threads, but calls do not run concurrently; use one Generator per thread (or process)
-for parallel work.
+running stage's session open (for 8-16 GB Jetson boards). The decoder's negative features are a
+file of the folder, made by the build (`sampler.decoder_negative`: the blank prompt's DiT
+features, or zeros); the runtime never writes into the folder. Thread safety: one Generator
+serializes its calls with a lock, so it may be shared between threads, but calls do not run
+concurrently; use one Generator per thread (or process) for parallel work.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import threading
 import weakref
@@ -26,24 +24,23 @@ import numpy as np
 
 from runtime.compat import check_onnxruntime, environment_problems
 from runtime.errors import UserError
-from runtime.generation import GenerationJob, GenerationParams, draw_noise, flow_features
+from runtime.generation import GenerationJob
 from runtime.manifest import (
     EngineFolderError,
-    atomic_write_bytes,
     file_path,
     graph_spec,
     read_manifest,
     rebuild_hint,
-    verify_file,
+    verify_folder,
 )
+from runtime.params import GeneratorParams
 from runtime.probe import ort_facts
-from runtime.sessions import backends, open_session
-from runtime.spec import numpy_dtype
+from runtime.sessions import Session, backends, open_session
+from runtime.spec import GraphSpec, numpy_dtype
 from runtime.text import PromptEncoder
 from runtime.understanding import AnswerParams, TokenJob, answer_tokens
 
 log = logging.getLogger(__name__)
-NEGATIVE_FILE = "negative_features.npy"
 _WARNED: set[str] = set()
 
 
@@ -104,7 +101,10 @@ class Generator:
         low_memory: bool,
         variant: str | None = None,
         session_options: dict | None = None,
+        open_graph: Callable[[GraphSpec], Session] | None = None,
     ) -> None:
+        """Use `from_dir`. `open_graph(spec)` replaces the backend's sessions (the build runs
+        this loop over the PyTorch model, benchmarks over timed sessions)."""
         _check_backend(manifest, backend, device)
         if variant is not None and manifest["variant"] != variant:
             raise EngineFolderError(
@@ -132,6 +132,7 @@ class Generator:
                 f"{self.latent_queries.shape} disagree on the width; rebuild the folder"
             )
         self.session_options = dict(session_options or {})
+        self._open_graph = open_graph
         self._sessions: dict = {}
         self._device = None  # TensorRT: the stream and activation pool the sessions share
         self._negative: np.ndarray | None = None
@@ -147,12 +148,14 @@ class Generator:
         device: str | None = None,
         low_memory: bool = False,
         variant: str | None = None,
-        verify: bool = True,
+        verify: str = "fast",
         session_options: dict | None = None,
     ) -> Generator:
-        """Open an engine folder; `verify` checks the sha256 of every file this backend will
-        load first (the ONNX graphs, or the TensorRT engines, and the host assets). The manifest
-        is validated whole in any case (`read_manifest`), file names confined to the folder.
+        """Open an engine folder. The manifest is validated whole in any case
+        (`read_manifest`), file names confined to the folder; then `verify` checks the files
+        this backend will load (the ONNX graphs, or the TensorRT engines, and the host assets):
+        "fast" (default) their sizes, "full" their sha256 too, "none" nothing. The first "fast"
+        open after a build runs "full" (`runtime.manifest.verify_folder`).
 
         `session_options` go to every session (e.g. `{"threads": 1}` for ONNX Runtime).
         """
@@ -162,14 +165,7 @@ class Generator:
         _check_backend(manifest, backend, device)  # before hashing gigabytes
         if "host" not in manifest:
             raise EngineFolderError(f"{folder}: build did not finish; run {rebuild_hint(manifest)}")
-        if verify:
-            for entry in manifest["host"].values():
-                verify_file(folder, entry, manifest)
-            for graph in manifest["graphs"].values():
-                if backend == "tensorrt" and graph.get("engine"):
-                    verify_file(folder, graph["engine"], manifest)
-                elif backend != "tensorrt":
-                    verify_file(folder, graph, manifest)
+        verify_folder(folder, manifest, backend, verify)
         return cls(
             folder,
             manifest,
@@ -182,6 +178,8 @@ class Generator:
 
     # sessions -------------------------------------------------------------------------------
     def session(self, name: str):
+        if name not in self._sessions and self._open_graph is not None:
+            self._sessions[name] = self._open_graph(graph_spec(self.manifest, name))
         if name not in self._sessions:
             spec = graph_spec(self.manifest, name)
             entry = self.manifest["graphs"][name]
@@ -262,107 +260,52 @@ class Generator:
         return hidden[:, -self.latent_queries.shape[1] :]  # (1, 64, H)
 
     def negative_features(self) -> np.ndarray:
-        """(1, 64, C) decoder negative: the blank prompt, sampled once, cached in the folder."""
+        """(1, 64, C) decoder negative, built with the folder (`host.negative_features`): the
+        DiT's features of the blank prompt, or zeros, as `sampler.decoder_negative` says."""
         if self._negative is None:
-            cached = self._load_negative()
-            self._negative = cached if cached is not None else self._compute_negative()
+            entry = self.manifest.get("host", {}).get("negative_features")
+            if entry is None:
+                raise EngineFolderError(
+                    f"{self.folder} has no decoder negative features; rebuild with: "
+                    f"{rebuild_hint(self.manifest)}"
+                )
+            negative = _load_array(self.folder, entry, 3)
+            d = self.config["dit"]
+            shape = (1, d["input_size"] ** 2, d["in_channels"])
+            if negative.shape != shape or not np.isfinite(negative).all():
+                raise EngineFolderError(
+                    f"{file_path(self.folder, entry)} holds {negative.shape} features (finite: "
+                    f"{bool(np.isfinite(negative).all())}); expected finite {shape}; rebuild "
+                    f"with: {rebuild_hint(self.manifest)}"
+                )
+            self._negative = negative.astype(np.float32)
         return self._negative
 
-    def _negative_key(self) -> str:
-        g = self.manifest["graphs"]
-        return json.dumps(
-            [
-                g["prefill"]["sha256"],
-                g["dit_step"]["sha256"],
-                self.manifest["host"]["embeddings"]["sha256"],
-                self.manifest["sampler"],
-            ],
-            sort_keys=True,
-        )
-
-    def _load_negative(self):
-        path = self.folder / NEGATIVE_FILE
-        meta = path.with_suffix(".json")
-        try:
-            if path.is_file() and meta.is_file() and meta.read_text() == self._negative_key():
-                cached = np.load(path, allow_pickle=False)
-                d = self.config["dit"]
-                shape = (1, d["input_size"] ** 2, d["in_channels"])
-                if cached.shape == shape and np.isfinite(cached).all():
-                    return cached.astype(np.float32)
-        except (OSError, ValueError, EOFError, UnicodeDecodeError) as err:
-            log.warning("recomputing the unreadable negative-feature cache %s: %s", path, err)
-        return None
-
-    def _compute_negative(self) -> np.ndarray:
-        s = self.manifest["sampler"]
-        d = self.config["dit"]
-        shape = (1, d["in_channels"], d["input_size"], d["input_size"])
-        (noise,) = draw_noise(s["negative_seed"], shape)
-        cond = self.conditioning(self.manifest["template"]["negative_prompt"], template=False)
-        *_, negative = flow_features(self, cond, noise, s["steps"], s["guidance"])  # (1, 64, C)
-        try:
-            buf = io.BytesIO()
-            np.save(buf, negative)
-            atomic_write_bytes(self.folder / NEGATIVE_FILE, buf.getvalue())
-            atomic_write_bytes(
-                (self.folder / NEGATIVE_FILE).with_suffix(".json"), self._negative_key().encode()
-            )
-        except OSError as err:
-            log.warning("could not cache the negative features in %s: %s", self.folder, err)
-        return negative
-
     # public API -----------------------------------------------------------------------------
+    def params(self, params: GeneratorParams | None = None, **settings) -> GeneratorParams:
+        """`params` (or the defaults) with keyword `settings`, resolved against this folder:
+        every unset value from the manifest's sampler, `num_images` within the batch size."""
+        max_images = graph_spec(self.manifest, "dit_step").dim("batch").max
+        return GeneratorParams.of(params, **settings).resolved(self.manifest["sampler"], max_images)
+
     def start(
-        self,
-        prompt: str,
-        *,
-        seed: int = 0,
-        steps: int | None = None,
-        guidance: float | None = None,
-        decoder_steps: int | None = None,
-        decoder_guidance: float | None = None,
-        num_images: int = 1,
+        self, prompt: str, params: GeneratorParams | None = None, **settings
     ) -> GenerationJob:
-        """A stepwise generation: call `job.step()` until `job.done`, then `job.result()`."""
-        s = self.manifest["sampler"]
-        params = GenerationParams(
-            prompt=prompt,
-            seed=seed,
-            steps=s["steps"] if steps is None else steps,
-            guidance=s["guidance"] if guidance is None else guidance,
-            decoder_steps=s["decoder_steps"] if decoder_steps is None else decoder_steps,
-            decoder_guidance=s["decoder_guidance"]
-            if decoder_guidance is None
-            else decoder_guidance,
-            num_images=num_images,
-        )
-        params = params.validate(graph_spec(self.manifest, "dit_step").dim("batch").max)
-        return GenerationJob(self, params)
+        """A stepwise generation: call `job.step()` until `job.done`, then `job.result()`.
+        `params` and/or keyword settings (`seed=3, steps=20`: the fields of `GeneratorParams`)."""
+        return GenerationJob(self, prompt, self.params(params, **settings))
 
     def generate(
         self,
         prompt: str,
+        params: GeneratorParams | None = None,
         *,
-        seed: int = 0,
-        steps: int | None = None,
-        guidance: float | None = None,
-        decoder_steps: int | None = None,
-        decoder_guidance: float | None = None,
-        num_images: int = 1,
         progress: Callable[[GenerationJob], None] | None = None,
+        **settings,
     ):
-        """Text to images: a list of `num_images` PIL images (defaults from the manifest)."""
+        """Text to images: a list of `num_images` PIL images (unset values: the manifest's)."""
         with self._lock:
-            job = self.start(
-                prompt,
-                seed=seed,
-                steps=steps,
-                guidance=guidance,
-                decoder_steps=decoder_steps,
-                decoder_guidance=decoder_guidance,
-                num_images=num_images,
-            )
+            job = self.start(prompt, params, **settings)
             while not job.done:
                 job.step()
                 if progress is not None:

@@ -4,7 +4,7 @@
 |---------------|--------------------------------------------------------------|---------------|
 | `vision`      | Qwen2.5-VL ViT on window-ordered patches -> merged embeds    | understanding |
 | `prefill`     | text decoder over input embeddings -> hidden, logits, KV     | both          |
-| `decode`      | one token + a fixed-capacity KV cache (read only) -> logits, its K/V row | understanding |
+| `decode`      | token + fixed-capacity KV cache (read) -> logits, its K/V row | understanding |
 | `dit`         | NextDiT velocity on the CFG batch                            | generation    |
 | `dit_step`    | CFG batch + DiT + guidance + flow Euler update, fused        | generation    |
 | `unet`        | decoder UNet epsilon on the CFG batch                        | generation    |

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shlex
 from pathlib import Path
@@ -19,7 +20,11 @@ from runtime.errors import UserError
 from runtime.manifest_schema import FORMAT_VERSION, SCHEMAS, SchemaError, confined, validate
 from runtime.spec import GraphSpec, spec_from_dict
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+# Written by a build that changed a file; the first full verify of the folder removes it.
+UNVERIFIED = ".unverified"
+VERIFY_MODES = ("none", "fast", "full")
 
 
 class EngineFolderError(UserError):
@@ -139,21 +144,68 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def verify_file(folder: Path, entry: dict, manifest: dict) -> Path:
-    """Check one recorded file's presence and sha256; return its path."""
+def verify_file(folder: Path, entry: dict, manifest: dict, *, full: bool = True) -> Path:
+    """Check one recorded file's presence and size, and with `full` its sha256; return its
+    path (external data files of a graph are checked with it)."""
     path = file_path(folder, entry)
     if not path.is_file():
         raise EngineFolderError(
             f"{path} is listed in the manifest but missing; rebuild with: {rebuild_hint(manifest)}"
         )
-    if sha256_file(path) != entry["sha256"]:
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise EngineFolderError(
+            f"{path} is {size} bytes, the manifest says {entry['size']} (truncated or replaced); "
+            f"rebuild with: {rebuild_hint(manifest)}"
+        )
+    if full and sha256_file(path) != entry["sha256"]:
         raise EngineFolderError(
             f"{path} does not match the sha256 in the manifest (corrupt or replaced); "
             f"rebuild with: {rebuild_hint(manifest)}"
         )
     for extra in entry.get("external_data", []):
-        verify_file(folder, extra, manifest)
+        verify_file(folder, extra, manifest, full=full)
     return path
+
+
+def loaded_files(manifest: dict, backend: str):
+    """The file records a backend opens: the host assets, then each graph's ONNX (with its
+    external data) or, for TensorRT, its engine."""
+    yield from manifest["host"].values()
+    for graph in manifest["graphs"].values():
+        if backend == "tensorrt":
+            if graph.get("engine"):
+                yield graph["engine"]
+        else:
+            yield graph
+
+
+def verify_folder(folder: Path, manifest: dict, backend: str, mode: str = "fast") -> str:
+    """Check the files `backend` will load; return the mode that ran.
+
+    `fast`: each file exists with its recorded size (the manifest itself was validated whole by
+    `read_manifest`). `full`: and its sha256 (reads every byte: tens of GB at 4b). `none`: no
+    file check. A folder a build has just changed (`UNVERIFIED` marker) gets `full` on its first
+    `fast` open, which then removes the marker; a read-only folder keeps it (and is hashed at
+    each open), with a warning.
+    """
+    if mode not in VERIFY_MODES:
+        raise UserError(f"unknown verify mode {mode!r}; valid: {', '.join(VERIFY_MODES)}")
+    marker = folder / UNVERIFIED
+    if mode == "fast" and marker.exists():
+        mode = "full"
+    if mode == "none":
+        return mode
+    for entry in loaded_files(manifest, backend):
+        verify_file(folder, entry, manifest, full=mode == "full")
+    if mode == "full" and marker.exists():
+        try:
+            marker.unlink()
+        except OSError as err:
+            log.warning(
+                "%s: cannot remove %s (%s); it is hashed at every open", folder, marker, err
+            )
+    return mode
 
 
 def file_path(folder: Path, entry: dict) -> Path:

@@ -23,6 +23,10 @@ from pathlib import Path
 from runtime.schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
 from runtime.spec import PRECISIONS, spec_from_dict
 
+# The decoder's CFG negative (`sampler.decoder_negative`): "blank_prompt" (BLIP3-o 4b/8b as
+# published: the DiT's features of the blank prompt) or "zeros" (the dropped condition of a
+# decoder trained with zeroed conditions, like tiny's). Either way the folder holds the features.
+DECODER_NEGATIVES = ("blank_prompt", "zeros")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CAPABILITY = re.compile(r"^\d+\.\d+$")
 
@@ -112,15 +116,16 @@ def _spec(value) -> bool:
 SHA256 = _str(_SHA256, "a sha256 (64 lower-case hex digits)")
 POSITIVE = _int(1)
 FILE_NAME = Check("a file name inside the engine folder", lambda v: isinstance(v, str) and v)
-FILE = {"file": FILE_NAME, "sha256": SHA256}
+FILE = {"file": FILE_NAME, "sha256": SHA256, "size": _int()}  # size in bytes: fast verify
 TEXT = _str()
 
 GRAPH = {
     "file": FILE_NAME,
     "sha256": SHA256,
+    "size": _int(),
     "spec": Check("a graph spec (name, inputs, outputs, dims)", _spec),
     "external_data?": Check(
-        "a list of {file, sha256}",
+        "a list of {file, sha256, size}",
         lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
     ),
     "engine?": FILE,
@@ -162,7 +167,15 @@ SCHEMA_V1 = {
         },
     },
     "graphs": Check("a table of graphs", lambda v: isinstance(v, dict)),  # entries: GRAPH
-    "host?": {"tokenizer": FILE, "embeddings": FILE, "latent_queries": FILE},
+    # `negative_features`: the decoder's CFG negative (1, 64, C) float32, always a built file (the
+    # `negative` build stage): the DiT's features of the blank prompt when
+    # `sampler.decoder_negative` is "blank_prompt", zeros when it is "zeros".
+    "host?": {
+        "tokenizer": FILE,
+        "embeddings": FILE,
+        "latent_queries": FILE,
+        "negative_features": FILE,
+    },
     "template": {
         "chat": _template("system", "text"),
         "system": TEXT,
@@ -177,6 +190,7 @@ SCHEMA_V1 = {
         "decoder_steps": _int(1, 1000),
         "decoder_guidance": _number(0.0, 100.0),
         "negative_seed": _int(),
+        "decoder_negative": _one_of(*DECODER_NEGATIVES),
     },
 }
 

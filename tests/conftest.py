@@ -26,11 +26,11 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_config, tiny_tokenizer):
     """A random-weight tiny reference pipeline (seeded)."""
+    import torch
+
     from training.model.blip3o import BLIP3o
     from training.model.decoder import Decoder
     from training.pipeline import ReferencePipeline
-
-    import torch
 
     torch.manual_seed(0)
     return ReferencePipeline(BLIP3o(tiny_config), Decoder(tiny_config.decoder), tiny_tokenizer)

@@ -134,11 +134,17 @@ def _cuda_module(device: Device) -> types.ModuleType:
         return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
 
     def _src(ptr, nbytes, kind):
-        on_device = kind in (cudaMemcpyKind.cudaMemcpyDeviceToHost, cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+        on_device = kind in (
+            cudaMemcpyKind.cudaMemcpyDeviceToHost,
+            cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+        )
         return device.view(ptr, nbytes) if on_device else _host(ptr, nbytes)
 
     def _dst(ptr, nbytes, kind):
-        on_device = kind in (cudaMemcpyKind.cudaMemcpyHostToDevice, cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+        on_device = kind in (
+            cudaMemcpyKind.cudaMemcpyHostToDevice,
+            cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+        )
         return device.view(ptr, nbytes) if on_device else _host(ptr, nbytes)
 
     def memcpy_async(dst, src, nbytes, kind, stream):
@@ -256,7 +262,9 @@ def _trt_module(device: Device) -> types.ModuleType:
         def __init__(self, onnx: bytes) -> None:
             self.session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
             ins, outs = self.session.get_inputs(), self.session.get_outputs()
-            self.io = [(t, TensorIOMode.INPUT) for t in ins] + [(t, TensorIOMode.OUTPUT) for t in outs]
+            self.io = [(t, TensorIOMode.INPUT) for t in ins] + [
+                (t, TensorIOMode.OUTPUT) for t in outs
+            ]
             self.num_io_tensors = len(self.io)
             self.device_memory_size_v2 = 4096
 

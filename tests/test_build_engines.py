@@ -27,8 +27,10 @@ def test_manifest_describes_the_folder(tiny_engine_dir):
     for name, entry in m["graphs"].items():
         assert sha256_file(tiny_engine_dir / entry["file"]) == entry["sha256"]
         assert spec_from_dict(entry["spec"]).name == name
+    assert set(m["host"]) == {"tokenizer", "embeddings", "latent_queries", "negative_features"}
     for entry in m["host"].values():
         assert sha256_file(tiny_engine_dir / entry["file"]) == entry["sha256"]
+    assert m["sampler"]["decoder_negative"] == m["stages"]["negative"]["decoder_negative"]
 
 
 def test_second_run_is_a_no_op(tiny_engine_dir, caplog):
@@ -38,7 +40,8 @@ def test_second_run_is_a_no_op(tiny_engine_dir, caplog):
     after = {p.name: p.stat().st_mtime_ns for p in tiny_engine_dir.iterdir() if p.name in before}
     changed = [n for n in before if before[n] != after[n] and n != "manifest.json"]
     assert changed == []
-    assert "done" not in caplog.text and caplog.text.count("up to date") == 1 + len(RUNTIME_GRAPHS)
+    assert "done" not in caplog.text
+    assert caplog.text.count("up to date") == 2 + len(RUNTIME_GRAPHS)  # assets, negative, graphs
 
 
 def test_interrupted_build_leaves_no_partial_files(tmp_path, monkeypatch):
@@ -79,6 +82,7 @@ def test_interrupted_build_leaves_no_partial_files(tmp_path, monkeypatch):
         (dict(variant="tiny", graphs=("unet", "clip")), r"unknown graph\(s\) \['clip'\]"),
         (dict(variant="4b"), "needs --checkpoint DIR.*huggingface.co/BLIP3o/BLIP3o-Model-4B"),
         (dict(variant="tiny", random_weights=True, checkpoint=Path(".")), "exclude each other"),
+        (dict(variant="tiny", decoder_negative="none"), "decoder negative 'none'; valid: blank"),
     ],
 )
 def test_bad_requests(kwargs, match, tmp_path):

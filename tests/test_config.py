@@ -63,3 +63,17 @@ def test_pooling_names():
     assert pooling_factor("early_pool2d_4") == 4
     with pytest.raises(ValueError, match="unknown pooling"):
         pooling_factor("max_pool")
+
+
+def test_decoder_negative_is_checked_and_old_configs_take_the_presets():
+    with pytest.raises(ValueError, match=r"decoder_negative 'blank'.*blank_prompt, zeros"):
+        SamplerConfig(decoder_negative="blank")
+    for name in PRESETS:
+        data = to_dict(from_preset(name))
+        del data["sampler"]["decoder_negative"]  # a config.json written before the field
+        assert from_dict(data).sampler == from_preset(name).sampler
+        del data["sampler"]
+        assert from_dict(data).sampler == from_preset(name).sampler
+    assert (
+        from_preset("tiny").sampler.decoder_negative != from_preset("4b").sampler.decoder_negative
+    )

@@ -251,9 +251,9 @@ def test_generator_asks_the_same_rules_before_opening(tmp_path, tiny_engine_dir)
     manifest = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**manifest, "precision": "bf16"}))
     with pytest.raises(UserError, match="bf16 graphs do not run on ONNX Runtime's CPU"):
-        Generator.from_dir(path, verify=False)
+        Generator.from_dir(path, verify="none")
     with pytest.raises(UserError, match=r"unknown device 'npu'; valid: cpu, cuda, tensorrt"):
-        Generator.from_dir(path, device="npu", verify=False)
+        Generator.from_dir(path, device="npu", verify="none")
     assert compat.ort_problems("fp32", "cuda", CPU_ORT)  # the CPU package has no CUDA provider
 
 

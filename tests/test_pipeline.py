@@ -1,5 +1,8 @@
 """The reference pipeline on random tiny weights: deterministic, validated, right shapes."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,10 +26,32 @@ def test_num_images_gives_distinct_images(tiny_pipeline):
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
 
 
-def test_negative_features_are_cached_and_seeded(tiny_pipeline):
-    neg = tiny_pipeline.negative_features()
+def _with_negative(pipe, mode: str):
+    """The same modules with another `sampler.decoder_negative`."""
+    other = copy.copy(pipe)
+    other.config = dataclasses.replace(
+        pipe.config, sampler=dataclasses.replace(pipe.config.sampler, decoder_negative=mode)
+    )
+    other._negative = None
+    return other
+
+
+def test_negative_features_follow_the_setting_and_are_cached(tiny_pipeline):
+    blank = _with_negative(tiny_pipeline, "blank_prompt")
+    neg = blank.negative_features()
     assert neg.shape == (1, 64, tiny_pipeline.config.feature_width)
-    assert tiny_pipeline.negative_features() is neg
+    assert blank.negative_features() is neg
+    assert neg.abs().max() > 0
+    zeros = _with_negative(tiny_pipeline, "zeros").negative_features()
+    assert zeros.shape == neg.shape and not zeros.any()
+
+
+def test_the_decoder_negative_changes_the_image(tiny_pipeline):
+    images = [
+        np.asarray(_with_negative(tiny_pipeline, m).generate("a red circle", **FAST))
+        for m in ("blank_prompt", "zeros")
+    ]
+    assert not np.array_equal(*images)
 
 
 def test_answer_is_deterministic(tiny_pipeline):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.generator import NEGATIVE_FILE, Generator
+from runtime.generator import Generator
 from runtime.manifest import EngineFolderError
 
 FAST = dict(steps=4, decoder_steps=5)
@@ -35,14 +35,14 @@ def test_generate_matches_reference_pipeline(gen, tiny_reference):
         assert np.abs(ours - ref).max() <= 2
 
 
-def test_negative_features_match_reference_and_are_cached(gen, tiny_reference, tiny_engine_dir):
+def test_negative_features_are_the_built_file_and_match_reference(gen, tiny_reference):
+    """tiny's decoder negative is zeros (its UNet's dropped condition), in reference and runtime."""
+    assert gen.manifest["sampler"]["decoder_negative"] == "zeros"
+    assert tiny_reference.config.sampler.decoder_negative == "zeros"
+    entry = gen.manifest["host"]["negative_features"]
     ours = gen.negative_features()
-    ref = tiny_reference.negative_features().numpy()
-    np.testing.assert_allclose(ours, ref, atol=1e-4)
-    assert (tiny_engine_dir / NEGATIVE_FILE).is_file()
-    fresh = Generator.from_dir(tiny_engine_dir)
-    fresh._compute_negative = lambda: pytest.fail("the cached negative was not reused")
-    np.testing.assert_array_equal(fresh.negative_features(), ours)
+    np.testing.assert_array_equal(ours, np.load(gen.folder / entry["file"]))
+    np.testing.assert_allclose(ours, tiny_reference.negative_features().numpy(), atol=1e-4)
 
 
 def test_answer_matches_reference(gen, tiny_reference):

@@ -164,12 +164,21 @@ def test_host_arrays_that_are_not_arrays_are_named(folder_copy):
         Generator.from_dir(folder_copy)
 
 
-def test_a_corrupt_negative_cache_is_recomputed(folder_copy):
+def test_a_corrupt_negative_is_refused_never_rewritten(folder_copy):
+    """The negative is a built file: a bad one is named (with the rebuild), and the runtime
+    writes nothing into the folder."""
+    _replace(folder_copy, ("host", "negative_features"), "negative_features.npy", b"\x93NUMPY junk")
     with Generator.from_dir(folder_copy) as g:
-        first = g.negative_features().copy()
-    (folder_copy / "negative_features.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+        with pytest.raises(EngineFolderError, match="negative_features.npy is not a numpy array"):
+            g.generate("a red circle", **FAST)
+    np.save(folder_copy / "negative_features.npy", np.zeros((1, 64, 7), np.float32))
+    _replace(
+        folder_copy, ("host", "negative_features"), "negative_features.npy",
+        (folder_copy / "negative_features.npy").read_bytes(),
+    )  # fmt: skip
     with Generator.from_dir(folder_copy) as g:
-        assert np.array_equal(g.negative_features(), first)
+        with pytest.raises(EngineFolderError, match=r"holds \(1, 64, 7\) features.*--force"):
+            g.negative_features()
 
 
 # ---- the CLI -------------------------------------------------------------------------------------
@@ -300,7 +309,7 @@ def test_fuzz_a_manifest_the_reader_accepts_runs_or_fails_cleanly(
     except EngineFolderError:
         return  # refused at open: the reader's job
     try:
-        with Generator.from_dir(folder, verify=False) as g:
+        with Generator.from_dir(folder, verify="none") as g:
             image = g.generate("a red circle", steps=1, decoder_steps=1)[0]
             g.answer(image, "Describe the image.", max_new_tokens=2)
     except (UserError, ResultError) as err:

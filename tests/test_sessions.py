@@ -235,9 +235,9 @@ def tiny_folder(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("graph", ["dit_step", "vae_decoder"])
 def test_torch_session_matches_onnxruntime(tiny_folder, graph):
+    from export.torch_backend import TorchSession
     from runtime.manifest import graph_spec, load_manifest
     from runtime.sessions.onnxruntime import OrtSession
-    from export.torch_backend import TorchSession
     from runtime.spec import sample_inputs
 
     manifest = load_manifest(tiny_folder)
@@ -260,8 +260,8 @@ def test_torch_session_matches_onnxruntime(tiny_folder, graph):
 def test_open_session_torch_shares_the_pipeline_and_keeps_outputs_on_device(tiny_folder):
     import torch
 
-    from runtime.manifest import graph_spec, load_manifest
     from export import torch_backend
+    from runtime.manifest import graph_spec, load_manifest
     from runtime.spec import sample_inputs
 
     spec = graph_spec(load_manifest(tiny_folder), "dit_step")

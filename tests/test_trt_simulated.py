@@ -30,8 +30,10 @@ def trt_folder(tiny_engine_dir, tmp_path_factory):
 def expected(tiny_engine_dir):
     """What the onnxruntime backend gives: two answers and one image."""
     with Generator.from_dir(tiny_engine_dir, verify=False) as g:
-        answers = [g.answer(picture(), QUESTION, max_new_tokens=6),
-                   g.answer(picture((220, 40, 40), 80), "How many?", max_new_tokens=6)]
+        answers = [
+            g.answer(picture(), QUESTION, max_new_tokens=6),
+            g.answer(picture((220, 40, 40), 80), "How many?", max_new_tokens=6),
+        ]
         image = np.asarray(g.generate("a red circle", **FAST)[0])
     return answers, image
 
@@ -42,8 +44,9 @@ def device(monkeypatch):
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_generator_on_simulated_tensorrt_equals_onnxruntime(trt_folder, expected, device,
-                                                            low_memory):
+def test_generator_on_simulated_tensorrt_equals_onnxruntime(
+    trt_folder, expected, device, low_memory
+):
     answers, image = expected
     with Generator.from_dir(trt_folder, backend="tensorrt", low_memory=low_memory) as g:
         assert g.device == "cuda"
@@ -67,8 +70,10 @@ def test_interleaved_jobs_on_simulated_tensorrt(trt_folder, expected, device, lo
     owned copies and caches belong to their jobs, so each equals its run alone."""
     answers, image = expected
     with Generator.from_dir(trt_folder, backend="tensorrt", low_memory=low_memory) as g:
-        jobs = [g.start_answer(picture(), QUESTION, max_new_tokens=6),
-                g.start_answer(picture((220, 40, 40), 80), "How many?", max_new_tokens=6)]
+        jobs = [
+            g.start_answer(picture(), QUESTION, max_new_tokens=6),
+            g.start_answer(picture((220, 40, 40), 80), "How many?", max_new_tokens=6),
+        ]
         drawing = g.start("a red circle", **FAST)
         while not all(j.done for j in jobs) or not drawing.done:
             for j in jobs:
@@ -83,15 +88,13 @@ def test_interleaved_jobs_on_simulated_tensorrt(trt_folder, expected, device, lo
             assert decode.kv_cache((1, 1, 1, 4, 2), np.float32).keys.owner is not None
 
 
-def test_outputs_aliasing_session_buffers_fail_on_the_simulation(trt_folder, device,
-                                                                  monkeypatch):
+def test_outputs_aliasing_session_buffers_fail_on_the_simulation(trt_folder, device, monkeypatch):
     """The defect the owned copies fix, reproduced: with outputs pointing into the session's
     buffers, low-memory release frees the UNet's latents before the VAE reads them."""
     from runtime.sessions import tensorrt as trt_session
 
     def alias(self, name, shape):
-        return trt_session.DeviceArray(self._buffers[name], shape, self._plan[name][1],
-                                       self.stream)
+        return trt_session.DeviceArray(self._buffers[name], shape, self._plan[name][1], self.stream)
 
     monkeypatch.setattr(trt_session.TrtSession, "_copy_out", alias)
     with Generator.from_dir(trt_folder, backend="tensorrt", low_memory=True) as g:
@@ -101,8 +104,12 @@ def test_outputs_aliasing_session_buffers_fail_on_the_simulation(trt_folder, dev
 
 def static_spec(spec: GraphSpec) -> GraphSpec:
     """The spec with every dim pinned at its minimum (what `pin_batch` builds)."""
-    return GraphSpec(spec.name, spec.inputs, spec.outputs,
-                     tuple(Dim(d.name, d.min, d.min, d.min) for d in spec.dims))
+    return GraphSpec(
+        spec.name,
+        spec.inputs,
+        spec.outputs,
+        tuple(Dim(d.name, d.min, d.min, d.min) for d in spec.dims),
+    )
 
 
 def test_capture_replays_with_fixed_addresses(trt_folder, tiny_engine_dir, device):
@@ -115,9 +122,12 @@ def test_capture_replays_with_fixed_addresses(trt_folder, tiny_engine_dir, devic
     manifest = read_manifest(trt_folder)
     spec = static_spec(graph_spec(manifest, "vae_decoder"))
     shared = SharedDevice("cuda")
-    vae = TrtSession(spec, trt_folder / manifest["graphs"]["vae_decoder"]["engine"]["file"],
-                     shared=shared)
-    reference = ort.InferenceSession(str(tiny_engine_dir / manifest["graphs"]["vae_decoder"]["file"]))
+    vae = TrtSession(
+        spec, trt_folder / manifest["graphs"]["vae_decoder"]["engine"]["file"], shared=shared
+    )
+    reference = ort.InferenceSession(
+        str(tiny_engine_dir / manifest["graphs"]["vae_decoder"]["file"])
+    )
     feeds = [sample_inputs(spec, seed=i) for i in range(3)]
     outs = []
     for i, f in enumerate(feeds):

@@ -213,6 +213,9 @@ class DecoderConfig:
         return (s, s, 0, 0, s, s)  # original size, crop top-left, target size
 
 
+DECODER_NEGATIVES = ("blank_prompt", "zeros")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """Sampling defaults of the reference pipeline."""
@@ -222,6 +225,17 @@ class SamplerConfig:
     decoder_steps: int = 50
     decoder_guidance: float = 3.0
     negative_seed: int = 0  # the decoder's negative features are sampled once with this seed
+    # The decoder's CFG negative: "blank_prompt" (BLIP3-o 4b/8b as published: the DiT's features
+    # of the blank prompt) or "zeros" (all-zero features: the dropped condition a decoder trained
+    # with zeroed conditions, like tiny's UNet, has seen).
+    decoder_negative: str = "blank_prompt"
+
+    def __post_init__(self) -> None:
+        if self.decoder_negative not in DECODER_NEGATIVES:
+            raise ValueError(
+                f"unknown decoder_negative {self.decoder_negative!r}; valid: "
+                f"{', '.join(DECODER_NEGATIVES)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -395,6 +409,7 @@ def _preset_tiny() -> ModelConfig:
             vae_norm_num_groups=16,
             vae_scaling_factor=0.13025,
         ),
+        sampler=SamplerConfig(decoder_negative="zeros"),  # the UNet's dropped condition
     )
 
 
@@ -464,7 +479,13 @@ def to_dict(config) -> dict:
 
 
 def from_dict(data: dict) -> ModelConfig:
-    """Inverse of `to_dict(ModelConfig)`; unknown keys are an error naming them."""
+    """Inverse of `to_dict(ModelConfig)`; unknown keys are an error naming them. A config
+    written before `sampler.decoder_negative` existed takes its variant preset's."""
+    sampler = data.get("sampler", {})
+    if isinstance(sampler, dict) and "decoder_negative" not in sampler:
+        if data.get("variant") in PRESETS:
+            preset = PRESETS[data["variant"]]().sampler
+            data = {**data, "sampler": {**sampler, "decoder_negative": preset.decoder_negative}}
 
     def build(cls, values: dict):
         names = {f.name: f for f in dataclasses.fields(cls)}

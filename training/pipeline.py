@@ -2,8 +2,10 @@
 
 `generate`: prompt -> backbone conditioning (B, 64, H) -> 30 Euler flow steps of the DiT with CFG
 against zeros -> 64 feature tokens -> 50 Euler steps of the decoder UNet with CFG against cached
-negative features -> VAE decode -> image. The negative features are the same steps run once per
-pipeline on a blank raw prompt, seeded. `answer`: plain Qwen2.5-VL chat, greedy.
+negative features -> VAE decode -> image. The negative follows `sampler.decoder_negative`:
+"blank_prompt" runs the same steps once per pipeline on a blank raw prompt, seeded (BLIP3-o as
+published); "zeros" is all-zero features (the dropped condition tiny's UNet was trained with).
+`answer`: plain Qwen2.5-VL chat, greedy.
 
 Noise follows `training.flow.host_noise`: one host generator per seed, the DiT's noise first and
 the decoder's second, so the torch-free runtime reproduces a generation exactly.
@@ -99,12 +101,18 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def negative_features(self) -> torch.Tensor:
-        """(1, 64, C) decoder negative: a blank raw prompt, sampled once with the fixed seed."""
+        """(1, 64, C) decoder negative, per `sampler.decoder_negative`: the blank raw prompt
+        sampled once with the fixed seed, or zeros."""
         if self._negative is None:
             s = self.config.sampler
-            (noise,) = host_noise(s.negative_seed, self._feature_shape(1))
-            cond = self.conditioning("", template=False)
-            self._negative = self.sample_tokens(cond, noise, steps=s.steps, guidance=s.guidance)
+            if s.decoder_negative == "zeros":
+                d = self.config.dit
+                shape = (1, d.input_size**2, d.in_channels)
+                self._negative = torch.zeros(shape, device=self.device)
+            else:
+                (noise,) = host_noise(s.negative_seed, self._feature_shape(1))
+                cond = self.conditioning("", template=False)
+                self._negative = self.sample_tokens(cond, noise, steps=s.steps, guidance=s.guidance)
         return self._negative
 
     def _feature_shape(self, n: int) -> tuple[int, int, int, int]:

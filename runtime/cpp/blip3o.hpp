@@ -1,7 +1,7 @@
 // blip3o.hpp: header-only C++ embedding of the BLIP3-o runtime (`runtime.Generator`).
 //
 //     blip3o::Generator gen("engines/tiny-fp32");             // onnxruntime on the CPU
-//     blip3o::Image image = gen.generate("a red circle", {});  // seed 0, manifest defaults
+//     blip3o::Image image = gen.generate("a red circle", {});  // GeneratorParams: seed 0...
 //     std::string text = gen.answer(image, "Describe the image.");
 //
 // The sampler, tokenizer and sessions stay in Python (one implementation, tested once); this
@@ -78,13 +78,16 @@ struct Image {
   std::vector<std::uint8_t> rgb;
 };
 
-// Sampling settings; unset values take the engine folder's manifest defaults, as in Python.
-struct GenerateOptions {
+// The sampling settings: Python's `runtime.params.GeneratorParams`, field for field (same names,
+// checked by tests/test_params.py), validated there, once; unset values take the engine folder's
+// manifest defaults, as in Python.
+struct GeneratorParams {
   std::int64_t seed = 0;
   std::optional<int> steps;
   std::optional<double> guidance;
   std::optional<int> decoder_steps;
   std::optional<double> decoder_guidance;
+  int num_images = 1;
 };
 
 namespace detail {
@@ -199,23 +202,23 @@ class BLIP3O_HIDDEN Generator {
   }
   ~Generator() { reset(); }
 
-  // One image for `prompt`.
-  Image generate(const std::string& prompt, const GenerateOptions& options = {}) {
-    return generate_many(prompt, 1, options).front();
+  // The first image for `prompt` (one, unless `params.num_images` says more).
+  Image generate(const std::string& prompt, const GeneratorParams& params = {}) {
+    return generate_many(prompt, params).front();
   }
 
-  // `num_images` images for `prompt` in one batch (at most the engine folder's batch size).
-  std::vector<Image> generate_many(const std::string& prompt, int num_images,
-                                   const GenerateOptions& options = {}) {
+  // `params.num_images` images for `prompt` in one batch (at most the folder's batch size).
+  std::vector<Image> generate_many(const std::string& prompt, const GeneratorParams& params) {
     namespace py = pybind11;
     using namespace py::literals;
     return detail::call_python([&] {
-      py::object images = handle().attr("generate")(
-          prompt, "seed"_a = options.seed, "steps"_a = or_none(options.steps),
-          "guidance"_a = or_none(options.guidance),
-          "decoder_steps"_a = or_none(options.decoder_steps),
-          "decoder_guidance"_a = or_none(options.decoder_guidance),
-          "num_images"_a = num_images);
+      py::object py_params = py::module_::import("runtime.params").attr("GeneratorParams")(
+          "seed"_a = params.seed, "steps"_a = or_none(params.steps),
+          "guidance"_a = or_none(params.guidance),
+          "decoder_steps"_a = or_none(params.decoder_steps),
+          "decoder_guidance"_a = or_none(params.decoder_guidance),
+          "num_images"_a = params.num_images);
+      py::object images = handle().attr("generate")(prompt, py_params);
       std::vector<Image> out;
       for (py::handle pil : images) out.push_back(to_image(pil));
       return out;

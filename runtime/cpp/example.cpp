@@ -44,9 +44,9 @@ int main(int argc, char** argv) {
   try {
     blip3o::Generator gen(argv[1], "onnxruntime", "cpu",
                           split_path(std::getenv("BLIP3O_PYTHON_PATH")));
-    blip3o::GenerateOptions options;
-    options.seed = 0;
-    blip3o::Image image = gen.generate(argv[3], options);
+    blip3o::GeneratorParams params;
+    params.seed = 0;
+    blip3o::Image image = gen.generate(argv[3], params);
     write_ppm(argv[2], image);
     std::cout << gen.answer(image, argv[4]) << std::endl;
   } catch (const std::exception& e) {

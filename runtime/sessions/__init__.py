@@ -10,8 +10,8 @@ plug in with `register_backend`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from runtime.spec import GraphSpec

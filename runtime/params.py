@@ -1,0 +1,100 @@
+"""`GeneratorParams`: the sampling settings of a generation, one validated value.
+
+After onnxruntime-genai's `GeneratorParams`: the Python API (`Generator.start` / `generate`),
+the CLI (its options are derived from the fields here) and the C++ header (`blip3o.hpp`'s
+`GeneratorParams` builds this object) all pass this one value, checked when it is made: a bad
+value is one `UserError` naming the field, the value and what is allowed.
+
+    params = runtime.GeneratorParams(seed=3, steps=20)
+    images = gen.generate("a red circle", params)
+    images = gen.generate("a red circle", seed=3, steps=20)   # the same, from keywords
+
+A field left `None` takes the engine folder's default (the manifest's `sampler`) when a job
+starts (`resolved`), where `num_images` is also checked against the folder's batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from runtime import checks
+from runtime.errors import UserError, UserTypeError
+
+MAX_STEPS = 1000
+# Classifier-free guidance past ~20 already saturates; 100 leaves room and refuses absurd
+# values (1e38 overflows the guided combine to inf and paints a black image).
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+
+
+def _setting(kind: type, low, high, help: str, default=None):
+    return field(default=default, metadata={"kind": kind, "range": (low, high), "help": help})
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    """Sampling settings; `None` means the engine folder's default (its manifest's sampler)."""
+
+    seed: int = _setting(int, 0, MAX_SEED, "seed of the noise (DiT then decoder)", 0)
+    steps: int | None = _setting(int, 1, MAX_STEPS, "DiT flow steps")
+    guidance: float | None = _setting(float, 0.0, MAX_GUIDANCE, "DiT CFG scale")
+    decoder_steps: int | None = _setting(int, 1, MAX_STEPS, "decoder UNet steps")
+    decoder_guidance: float | None = _setting(float, 0.0, MAX_GUIDANCE, "decoder CFG scale")
+    num_images: int = _setting(int, 1, 1024, "images per prompt, one batch", 1)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            low, high = f.metadata["range"]
+            check = checks.integer if f.metadata["kind"] is int else checks.number
+            object.__setattr__(self, f.name, check(f.name, value, low, high))  # numpy -> Python
+
+    @classmethod
+    def of(cls, params: GeneratorParams | None = None, **settings) -> GeneratorParams:
+        """`params` (default: all defaults) with keyword `settings` replacing its fields: how
+        `Generator.start(prompt, seed=..., steps=...)` turns keywords into params."""
+        if params is not None and not isinstance(params, cls):
+            raise UserTypeError(f"params must be a GeneratorParams, got {type(params).__name__}")
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise UserError(f"unknown generation setting(s) {unknown}; valid: {valid}")
+        return dataclasses.replace(params or cls(), **settings)
+
+    def resolved(self, sampler: dict, max_images: int) -> GeneratorParams:
+        """Every `None` filled from a manifest's `sampler`; `num_images` at most `max_images`."""
+        checks.integer("num_images", self.num_images, 1, max_images)
+        defaults = {
+            k: sampler[k] for k in ("steps", "guidance", "decoder_steps", "decoder_guidance")
+        }
+        return dataclasses.replace(
+            self, **{k: v for k, v in defaults.items() if getattr(self, k) is None}
+        )
+
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+
+
+def add_arguments(parser) -> None:
+    """One `--option` per field (`decoder_steps` -> `--decoder-steps`), typed and ranged by the
+    dataclass: the CLI lists no setting of its own."""
+    for f in dataclasses.fields(GeneratorParams):
+        low, high = f.metadata["range"]
+        default = "the engine folder's" if f.default is None else f.default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=f.metadata["kind"],
+            default=f.default,
+            help=f"{f.metadata['help']}, in [{low}, {high}] (default: {default})",
+        )
+
+
+def from_arguments(args) -> GeneratorParams:
+    """The params of parsed arguments (`add_arguments`); validated here, once."""
+    return GeneratorParams(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorParams)}
+    )
