@@ -104,8 +104,10 @@ class Generator:
         open_graph: Callable[[GraphSpec], Session] | None = None,
     ) -> None:
         """Use `from_dir`. `open_graph(spec)` replaces the backend's sessions (the build runs
-        this loop over the PyTorch model, benchmarks over timed sessions)."""
-        _check_backend(manifest, backend, device)
+        this loop over the PyTorch model, benchmarks over timed sessions, Triton's orchestrator
+        over BLS calls); the backend's own install checks are then skipped."""
+        if open_graph is None:
+            _check_backend(manifest, backend, device)
         if variant is not None and manifest["variant"] != variant:
             raise EngineFolderError(
                 f"{folder} holds a {manifest['variant']} engine folder, not {variant}; build "
@@ -150,6 +152,7 @@ class Generator:
         variant: str | None = None,
         verify: str = "fast",
         session_options: dict | None = None,
+        open_graph: Callable[[GraphSpec], Session] | None = None,
     ) -> Generator:
         """Open an engine folder. The manifest is validated whole in any case
         (`read_manifest`), file names confined to the folder; then `verify` checks the files
@@ -157,12 +160,14 @@ class Generator:
         "fast" (default) their sizes, "full" their sha256 too, "none" nothing. The first "fast"
         open after a build runs "full" (`runtime.manifest.verify_folder`).
 
-        `session_options` go to every session (e.g. `{"threads": 1}` for ONNX Runtime).
+        `session_options` go to every session (e.g. `{"threads": 1}` for ONNX Runtime);
+        `open_graph(spec)`, when given, opens every graph's session instead of the backend.
         """
         folder = Path(path)
         device = default_device(backend) if device is None else device
         manifest = read_manifest(folder)
-        _check_backend(manifest, backend, device)  # before hashing gigabytes
+        if open_graph is None:
+            _check_backend(manifest, backend, device)  # before hashing gigabytes
         if "host" not in manifest:
             raise EngineFolderError(f"{folder}: build did not finish; run {rebuild_hint(manifest)}")
         verify_folder(folder, manifest, backend, verify)
@@ -174,6 +179,7 @@ class Generator:
             low_memory=low_memory,
             variant=variant,
             session_options=session_options,
+            open_graph=open_graph,
         )
 
     # sessions -------------------------------------------------------------------------------

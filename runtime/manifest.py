@@ -187,8 +187,11 @@ def verify_folder(folder: Path, manifest: dict, backend: str, mode: str = "fast"
     `read_manifest`). `full`: and its sha256 (reads every byte: tens of GB at 4b). `none`: no
     file check. A folder a build has just changed (`UNVERIFIED` marker) gets `full` on its first
     `fast` open, which then removes the marker; a read-only folder keeps it (and is hashed at
-    each open), with a warning.
+    each open), with a warning. A bool is accepted as before modes existed: True is "full",
+    False "none".
     """
+    if isinstance(mode, bool):
+        mode = "full" if mode else "none"
     if mode not in VERIFY_MODES:
         raise UserError(f"unknown verify mode {mode!r}; valid: {', '.join(VERIFY_MODES)}")
     marker = folder / UNVERIFIED

@@ -227,7 +227,7 @@ def write_plan(onnx_path: Path, out: Path) -> dict:
     """A simulated engine file for an ONNX graph; returns its manifest record {file, sha256}."""
     data = PLAN_MAGIC + Path(onnx_path).read_bytes()
     out.write_bytes(data)
-    return {"file": out.name, "sha256": hashlib.sha256(data).hexdigest()}
+    return {"file": out.name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
 def plan_name(graph: str, precision: str = "fp32") -> str:

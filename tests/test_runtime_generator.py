@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from runtime.generator import Generator
-from runtime.manifest import EngineFolderError
+from runtime.manifest import UNVERIFIED, EngineFolderError
 
 FAST = dict(steps=4, decoder_steps=5)
 
@@ -128,9 +128,15 @@ def test_engine_folder_errors(tiny_engine_dir, tmp_path):
         Generator.from_dir(tiny_engine_dir, variant="4b")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_engine_dir, broken)
+    size = (broken / "vae_decoder.fp32.onnx").stat().st_size
     (broken / "vae_decoder.fp32.onnx").write_bytes(b"garbage")
+    with pytest.raises(EngineFolderError, match="7 bytes.*truncated.*rebuild with: python export/"):
+        Generator.from_dir(broken)  # the fast check: sizes
+    (broken / "vae_decoder.fp32.onnx").write_bytes(b"g" * size)  # same size, other bytes
+    (broken / UNVERIFIED).unlink(missing_ok=True)  # opened before: "fast" checks sizes only
+    Generator.from_dir(broken, verify="fast").close()
     with pytest.raises(EngineFolderError, match="sha256.*rebuild with: python export/build_"):
-        Generator.from_dir(broken)
+        Generator.from_dir(broken, verify="full")
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["format"] = 99
     (broken / "manifest.json").write_text(json.dumps(manifest))

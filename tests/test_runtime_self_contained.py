@@ -41,6 +41,8 @@ def test_every_runtime_module_imports_with_torch_export_training_blocked(tmp_pat
         for info in pkgutil.walk_packages(runtime.__path__, "runtime."):
             if info.name.startswith("runtime.cpp") or info.name == "runtime.__main__":
                 continue
+            if info.name == "runtime.server.triton_model":  # runs inside Triton's Python backend
+                continue
             importlib.import_module(info.name)
         assert not [m for m in sys.modules if m.split(".")[0] in {FORBIDDEN!r}]
         print("ok")

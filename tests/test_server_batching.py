@@ -64,7 +64,7 @@ def test_batched_images_equal_each_request_alone(gen):
         for t in tasks:
             p = t.prep.params
             alone = gen.generate(
-                p.prompt,
+                t.prep.prompt,
                 seed=p.seed,
                 steps=STEPS,
                 decoder_steps=DECODER_STEPS,

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.generation import GenerationParams, scalar
+from runtime.generation import scalar
 from runtime.manifest import graph_spec
+from runtime.params import GeneratorParams
 from runtime.schedule import flow_sigmas, flow_timesteps
 from runtime.understanding import MAX_NEW_TOKENS, answer_tokens
 
@@ -29,7 +30,8 @@ from runtime.understanding import MAX_NEW_TOKENS, answer_tokens
 class Prepared:
     """One validated request: params, its noise and its decoder schedule (host data)."""
 
-    params: GenerationParams
+    prompt: str
+    params: GeneratorParams
     noise: np.ndarray  # (N, C, 8, 8) DiT noise
     latent_noise: np.ndarray  # (N, 4, l, l) decoder noise
     schedule: object  # runtime.schedule EulerDiscrete schedule (timesteps, sigmas)
@@ -73,6 +75,7 @@ def prepare(
     gen._job_finished(job)  # never stepped: it holds nothing open
     sigmas = flow_sigmas(job.params.steps)
     return Prepared(
+        prompt=job.prompt,
         params=job.params,
         noise=job.noise,
         latent_noise=job.latent_noise,
@@ -163,7 +166,7 @@ def answer(gen, image, question: str, *, max_tokens: int, stream=None) -> Answer
             max_new_tokens=max_tokens,
             stream=stream if stream is not None else (lambda _s: None),
         )
-    context = graph_spec(gen.manifest, "decode").dim("past").max
+    context = graph_spec(gen.manifest, "decode").dim("capacity").max
     hit_limit = prompts.completion_tokens >= max_tokens or (
         prompts.prompt_tokens + prompts.completion_tokens > context
     )
@@ -180,11 +183,8 @@ MAX_TOKENS = MAX_NEW_TOKENS
 
 def generator_with_sessions(folder, make_session):
     """A Generator over `folder`'s host assets whose generation graphs are `make_session(spec)`
-    (the Triton orchestrator's BLS sessions): the runtime's own loop, someone else's sessions.
-    The `torch` backend name only skips the ONNX Runtime checks; no torch session ever opens."""
+    (the Triton orchestrator's BLS sessions): the runtime's own loop, someone else's sessions
+    (Triton holds the graphs: no ONNX Runtime, no file checks here)."""
     from runtime.generator import Generator
 
-    gen = Generator.from_dir(folder, backend="torch", device="cpu", verify=False)
-    for name in ("prefill", "dit_step", "unet_step", "vae_decoder"):
-        gen._sessions[name] = make_session(graph_spec(gen.manifest, name))
-    return gen
+    return Generator.from_dir(folder, device="cpu", verify="none", open_graph=make_session)

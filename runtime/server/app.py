@@ -296,7 +296,7 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
             )
         except Exception as err:
             raise protocol.api_error(err) from err
-        tokens = len(state.gen.prompts.generation_ids(prep.params.prompt))
+        tokens = len(state.gen.prompts.generation_ids(prep.prompt))
         return ImageTask(prep, partial_images=fields["partial_images"]), tokens
 
     async def read_image_fields(request: Request) -> dict:

@@ -297,7 +297,7 @@ class Engine:
                 cond = self._timed(
                     "prefill",
                     1,
-                    lambda t=task: adapter.conditioning(self.gen, t.prep.params.prompt),
+                    lambda t=task: adapter.conditioning(self.gen, t.prep.prompt),
                 )
             except Exception as err:
                 self._finish(task, "failed", err)
