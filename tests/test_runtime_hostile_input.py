@@ -334,10 +334,17 @@ def test_engine_bytes_must_match_the_manifest(tmp_path):
 def test_from_dir_verifies_the_engines_the_backend_loads(folder_copy):
     (folder_copy / "dit_step.plan").write_bytes(b"tampered")
 
-    def edit(m):
-        m["graphs"]["dit_step"]["engine"] = {"file": "dit_step.plan", "sha256": "0" * 64, "size": 8}
+    def edit(size):
+        def apply(m):
+            engine = {"file": "dit_step.plan", "sha256": "0" * 64, "size": size}
+            m["graphs"]["dit_step"]["engine"] = engine
 
-    rewrite(folder_copy, edit)
+        return apply
+
+    rewrite(folder_copy, edit(9))
+    with pytest.raises(EngineFolderError, match="dit_step.plan is 8 bytes, the manifest says 9"):
+        Generator.from_dir(folder_copy, backend="tensorrt")  # device: cuda by default
+    rewrite(folder_copy, edit(8))
     with pytest.raises(EngineFolderError, match="dit_step.plan does not match the sha256"):
-        Generator.from_dir(folder_copy, backend="tensorrt", verify="full")  # device: cuda
+        Generator.from_dir(folder_copy, backend="tensorrt", verify="full")
     Generator.from_dir(folder_copy).close()  # ONNX Runtime loads the ONNX files, which are intact
