@@ -51,8 +51,25 @@ class Cancelled(Exception):
     """The request was cancelled (client gone, or a cancel call) before it finished."""
 
 
+class _Waitable:
+    """Completion and cancellation shared by the engine's tasks."""
+
+    _done_event: threading.Event
+    cancel_requested: bool
+
+    @property
+    def done(self) -> bool:
+        return self._done_event.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done_event.wait(timeout)
+
+
 @dataclass(eq=False)
-class ImageTask:
+class ImageTask(_Waitable):
     """One image request as the engine sees it; the HTTP layer watches its fields."""
 
     prep: adapter.Prepared
@@ -83,16 +100,6 @@ class ImageTask:
         p = self.prep.params
         return 1 + p.steps + p.decoder_steps + 1
 
-    @property
-    def done(self) -> bool:
-        return self._done_event.is_set()
-
-    def cancel(self) -> None:
-        self.cancel_requested = True
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done_event.wait(timeout)
-
     def key(self) -> tuple:
         p = self.prep.params
         if self.stage == "dit":
@@ -108,7 +115,7 @@ class ImageTask:
 
 
 @dataclass(eq=False)
-class CallTask:
+class CallTask(_Waitable):
     """A unit of work run whole on the engine thread (a chat answer)."""
 
     fn: Callable[[], object]
@@ -119,16 +126,6 @@ class CallTask:
     error: BaseException | None = None
     cancel_requested: bool = False
     _done_event: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def done(self) -> bool:
-        return self._done_event.is_set()
-
-    def cancel(self) -> None:
-        self.cancel_requested = True
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done_event.wait(timeout)
 
 
 class Engine:
