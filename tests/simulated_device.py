@@ -393,3 +393,10 @@ def tensorrt_folder(source: Path, out: Path) -> Path:
     manifest.update(tensorrt=TRT_VERSION, compute_capability=f"{SM[0]}.{SM[1]}")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def picture(colour=(40, 80, 220), side=64) -> np.ndarray:
+    """A test image for understanding: one flat square on white."""
+    image = np.full((side, side, 3), 255, np.uint8)
+    image[8:28, 30:50] = colour
+    return image

@@ -9,14 +9,9 @@ import pytest
 from runtime.errors import UserError
 from runtime.generator import Generator
 from runtime.understanding import AnswerParams, sample_token
+from tests.simulated_device import picture
 
 QUESTION = "Describe the image."
-
-
-def picture(colour=(40, 80, 220), side=64) -> np.ndarray:
-    image = np.full((side, side, 3), 255, np.uint8)
-    image[8:28, 30:50] = colour
-    return image
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,10 @@ from runtime.generator import Generator
 from runtime.manifest import graph_spec, read_manifest
 from runtime.spec import Dim, GraphSpec, sample_inputs
 from tests import simulated_device as sim
+from tests.simulated_device import picture
 
 FAST = dict(steps=2, decoder_steps=2)
 QUESTION = "Describe the image."
-
-
-def picture(colour=(40, 80, 220), side=64) -> np.ndarray:
-    image = np.full((side, side, 3), 255, np.uint8)
-    image[8:28, 30:50] = colour
-    return image
 
 
 @pytest.fixture(scope="module")
