@@ -232,10 +232,11 @@ def graph_costs(variant: str, *, prompt_tokens: int = 128, context_tokens: int =
     rows = [
         ("prefill", prefill_cost(b, prompt_tokens, lm_head_tokens=0), 1,
          2 * prompt_tokens * b.hidden_size * io_bytes + kv_bytes(b, prompt_tokens, io_bytes)),
+        # latents and the sampler's state (velocity / x0 prediction), in and out
         ("dit_step", dit_cost(d, 2), cfg.sampler.steps,
-         (2 * feat + d.num_tokens * b.hidden_size) * io_bytes),
+         (4 * feat + d.num_tokens * b.hidden_size) * io_bytes),
         ("unet_step", unet_cost(dec, 2), cfg.sampler.decoder_steps,
-         (2 * lat + 2 * feat) * io_bytes),
+         (4 * lat + 2 * feat) * io_bytes),
         ("vae_decoder", vae_decoder_cost(dec, 1), 1, (lat + 3 * dec.image_size**2) * io_bytes),
         (f"prefill@{context_tokens}", prefill_cost(b, context_tokens), 0,
          2 * context_tokens * b.hidden_size * io_bytes + kv_bytes(b, context_tokens, io_bytes)),

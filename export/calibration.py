@@ -5,11 +5,11 @@ model's activations change a lot over the trajectory (pure noise at sigma = 1, a
 end), so the feeds here are recorded by running the PyTorch model through the same sampling loop
 the runtime runs, for every prompt and every step:
 
-* the DiT: flow sigmas/timesteps of `runtime.schedule.flow_sigmas`, CFG batch [zeros, cond],
-  Euler update `runtime.schedule.flow_euler_step`;
-* the decoder UNet: `runtime.schedule.euler_discrete_schedule` from the decoder config, CFG batch
-  [cond, negative] with the decoder's negative features (the blank prompt sampled once, as
-  the pipeline does), `scale_model_input` then `euler_discrete_step`;
+* the DiT: the calls of the config's flow sampler (`runtime.samplers.flow_plan`), CFG batch
+  [zeros, cond], the plan's update;
+* the decoder UNet: the calls of the config's decoder sampler (`runtime.samplers.decoder_plan`
+  on the decoder config), CFG batch [cond, negative] with the decoder's negative features (the
+  blank prompt sampled once, as the pipeline does), the plan's input scale and update;
 * the VAE: the final latents.
 
 The sampling runs phase by phase over all prompts (condition every prompt, then run the DiT,
@@ -24,21 +24,15 @@ spec's dtypes, so each one can be fed to the ONNX graph as is.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from runtime.schedule import (
-    cfg_combine,
-    euler_discrete_schedule,
-    euler_discrete_step,
-    flow_euler_step,
-    flow_sigmas,
-    flow_timesteps,
-    scale_model_input,
-)
+from runtime.samplers import decoder_plan, dit_feeds, flow_plan, unet_feeds
+from runtime.schedule import cfg_combine
 from training.data.shapes import format_caption, sample_spec
 from training.flow import host_noise, sample_features
 from training.model.backbone import generation_ids
@@ -83,10 +77,6 @@ def load_prompts(path: str | Path) -> list[str]:
 
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().numpy()
-
-
-def _scalar(value: float) -> np.ndarray:
-    return np.array([value], dtype=np.float32)  # (1,)
 
 
 def _run(fn, feeds: Feeds, device) -> np.ndarray:
@@ -208,61 +198,47 @@ def _sample_dit(dit, cond, seed, records, cfg, steps, guidance, device):
     dec = cfg.decoder
     latent_shape = (1, dec.latent_channels, dec.latent_size, dec.latent_size)
     noise, latent_noise = (_np(n) for n in host_noise(seed, _feature_shape(cfg), latent_shape))
-    sigmas = flow_sigmas(steps)  # (steps + 1,)
-    timesteps = flow_timesteps(sigmas)  # (steps,) int64
     cond_in = np.concatenate([np.zeros_like(cond), cond])  # (2, 64, H)
     x = noise  # (1, C, s, s)
-    for i in range(steps):
-        t, sigma, sigma_next = timesteps[i : i + 1], sigmas[i], sigmas[i + 1]  # t: (1,) int64
-        step = dict(
-            latents=x,
-            timestep=t,
-            sigma=_scalar(sigma),
-            sigma_next=_scalar(sigma_next),
-            cond=cond,
-            guidance=_scalar(guidance),
-        )
+    prev = np.zeros_like(x)
+    for i, call in enumerate(flow_plan(cfg.sampler.sampler, steps).calls):
+        t = np.array([call.timestep], np.int64)  # (1,)
         batch = dict(x=np.concatenate([x, x]), timestep=np.repeat(t, 2), z_latents=cond_in)
-        records["dit_step"].append((i, step))
+        records["dit_step"].append((i, dit_feeds(call, x, prev, cond, guidance)))
         records["dit"].append((i, batch))
         v = _run(dit.velocity, batch, device)  # (2, C, s, s) [uncond, cond]
-        x = flow_euler_step(x, cfg_combine(v[:1], v[1:], guidance), sigma, sigma_next)
+        v = cfg_combine(v[:1], v[1:], guidance)
+        x = (x + np.float32(call.c_velocity) * v + np.float32(call.c_prev) * prev).astype(x.dtype)
+        prev = v
     features = BLIP3o.features_to_tokens(torch.from_numpy(x)).numpy()  # (1, 64, C)
     return features, latent_noise
 
 
 def _sample_unet(decoder, features, latent_noise, negative, records, cfg, steps, guidance, device):
     """One prompt's UNet trajectory, recorded; returns the final latents (1, 4, l, l)."""
-    dec = cfg.decoder
-    sched = euler_discrete_schedule(
-        steps,
-        num_train_timesteps=dec.num_train_timesteps,
-        beta_start=dec.beta_start,
-        beta_end=dec.beta_end,
-        beta_schedule=dec.beta_schedule,
-        timestep_spacing=dec.timestep_spacing,
-        steps_offset=dec.steps_offset,
+    plan = decoder_plan(
+        cfg.sampler.decoder_sampler, steps, dataclasses.asdict(cfg.decoder)
     )
     feats_in = np.concatenate([features, negative])  # (2, 64, C)
-    latents = (latent_noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
-    for i in range(sched.steps):
-        t, sigma, sigma_next = sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1]
-        step = dict(
-            latents=latents,
-            timestep=_scalar(t),
-            sigma=_scalar(sigma),
-            sigma_next=_scalar(sigma_next),
-            features=features,
-            negative=negative,
-            guidance=_scalar(guidance),
-        )
-        sample = scale_model_input(np.concatenate([latents, latents]), sigma)  # (2, 4, l, l)
+    latents = (latent_noise * np.float32(plan.init_noise_sigma)).astype(np.float32)
+    prev = np.zeros_like(latents)
+    for i, call in enumerate(plan.calls):
+        sample = np.concatenate([latents, latents]) * np.float32(call.in_scale)  # (2, 4, l, l)
         batch = dict(
-            sample=sample, timestep=np.full(2, t, np.float32), encoder_hidden_states=feats_in
+            sample=sample,
+            timestep=np.full(2, call.timestep, np.float32),
+            encoder_hidden_states=feats_in,
         )
+        step = unet_feeds(call, latents, prev, features, negative, guidance)
         records["unet_step"].append((i, step))
         records["unet"].append((i, batch))
         eps = _run(decoder.epsilon, batch, device)  # (2, 4, l, l) [cond, neg]
         eps = cfg_combine(eps[1:], eps[:1], guidance)
-        latents = euler_discrete_step(latents, eps, sigma, sigma_next)
+        denoised = np.float32(call.d_sample) * latents + np.float32(call.d_eps) * eps
+        latents = (
+            np.float32(call.c_sample) * latents
+            + np.float32(call.c_eps) * eps
+            + np.float32(call.c_prev) * prev
+        ).astype(np.float32)
+        prev = denoised
     return latents

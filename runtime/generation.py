@@ -2,8 +2,9 @@
 
 `GenerationJob.step()` does one unit of work (one session call) and returns; a host shows
 progress and may cancel between steps. The step graphs (`dit_step`, `unet_step`) carry CFG,
-guidance and the scheduler update, so the loop only feeds each step's scalars; latents stay in
-the backend's arrays (device buffers on GPU backends).
+guidance and the sampler update, so the loop only feeds each call's scalars (the sampler's plan,
+`runtime.samplers`); latents and the multistep state stay in the backend's arrays (device
+buffers on GPU backends).
 
 Noise convention (shared with the PyTorch reference): one `np.random.default_rng(seed)` draws
 the DiT's noise (N, C, 8, 8) first and the decoder's (N, 4, l, l) second, float32.
@@ -16,16 +17,12 @@ from PIL import Image
 
 from runtime import checks
 from runtime.params import GeneratorParams
-from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
+from runtime.samplers import decoder_plan, dit_feeds, flow_plan, unet_feeds
 
 
 def draw_noise(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
     rng = np.random.default_rng(int(seed))
     return [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
-
-
-def scalar(value: float, dtype=np.float32) -> np.ndarray:
-    return np.array([value], dtype=dtype)
 
 
 class GenerationJob:
@@ -44,16 +41,9 @@ class GenerationJob:
         side = dec["image_size"] // 2 ** (len(dec["vae_block_out_channels"]) - 1)
         latent_shape = (n, dec["latent_channels"], side, side)
         self.noise, self.latent_noise = draw_noise(params.seed, self.feature_shape, latent_shape)
-        self.schedule = euler_discrete_schedule(
-            params.decoder_steps,
-            num_train_timesteps=dec["num_train_timesteps"],
-            beta_start=dec["beta_start"],
-            beta_end=dec["beta_end"],
-            beta_schedule=dec["beta_schedule"],
-            timestep_spacing=dec["timestep_spacing"],
-            steps_offset=dec["steps_offset"],
-        )
-        self.total = 1 + params.steps + params.decoder_steps + 1
+        self.flow = flow_plan(params.sampler, params.steps)
+        self.decoder = decoder_plan(params.decoder_sampler, params.decoder_steps, dec)
+        self.total = 1 + len(self.flow.calls) + len(self.decoder.calls) + 1
         self.done_steps = 0
         self.stage = "prefill"
         self._images: list[Image.Image] | None = None
@@ -92,29 +82,22 @@ class GenerationJob:
         yield "prefill"
         self.stage = "dit"
         features = None
-        for features in flow_features(gen, cond, self.noise, p.steps, p.guidance):
+        for features in flow_features(gen, cond, self.noise, self.flow, p.guidance):
             if features is None:
                 yield "dit"
         hint = "lower the guidance scales or check the engine folder (python export/check.py)"
         checks.finite("the DiT's image features", features, hint)
         negative = gen.negative_features()  # (1, 64, C)
         self.stage = "unet"
-        s = self.schedule
-        latents = (self.latent_noise * s.init_noise_sigma).astype(io)
+        plan = self.decoder
+        latents = (self.latent_noise * plan.init_noise_sigma).astype(io)
+        denoised = np.zeros_like(latents)
         unet = gen.session("unet_step")
         feats, neg = np.ascontiguousarray(features.astype(io)), negative.astype(io)
-        for i in range(p.decoder_steps):
-            latents = unet.run(
-                {
-                    "latents": latents,
-                    "timestep": scalar(s.timesteps[i]),
-                    "sigma": scalar(s.sigmas[i]),
-                    "sigma_next": scalar(s.sigmas[i + 1]),
-                    "features": feats,
-                    "negative": neg,
-                    "guidance": scalar(p.decoder_guidance),
-                }
-            )["next_latents"]
+        for call in plan.calls:
+            feeds = unet_feeds(call, latents, denoised, feats, neg, p.decoder_guidance)
+            out = unet.run(feeds)
+            latents, denoised = out["next_latents"], out["denoised"]
             yield "unet"
         gen.release("unet_step")
         self.stage = "vae_decoder"
@@ -127,27 +110,20 @@ class GenerationJob:
         yield "vae_decoder"
 
 
-def flow_features(gen, cond: np.ndarray, noise: np.ndarray, steps: int, guidance: float):
-    """Guided flow sampling with the fused `dit_step` graph.
+def flow_features(gen, cond: np.ndarray, noise: np.ndarray, plan, guidance: float):
+    """Guided flow sampling with the fused `dit_step` graph, one call per row of `plan`
+    (`runtime.samplers.flow_plan`).
 
-    A generator: yields None after each step, then the (N, 64, C) feature tokens (host, float32).
+    A generator: yields None after each call, then the (N, 64, C) feature tokens (host, float32).
     cond (N, 64, H) and noise (N, C, 8, 8) are host arrays.
     """
-    sigmas = flow_sigmas(steps)
-    timesteps = flow_timesteps(sigmas)
     dit = gen.session("dit_step")
     latents = noise.astype(gen.io_dtype)
+    velocity = np.zeros_like(latents)
     cond = cond.astype(gen.io_dtype)
-    for i in range(steps):
-        feeds = {
-            "latents": latents,
-            "timestep": scalar(timesteps[i], np.int64),
-            "sigma": scalar(sigmas[i]),
-            "sigma_next": scalar(sigmas[i + 1]),
-            "cond": cond,
-            "guidance": scalar(guidance),
-        }
-        latents = dit.run(feeds)["next_latents"]
+    for call in plan.calls:
+        out = dit.run(dit_feeds(call, latents, velocity, cond, guidance))
+        latents, velocity = out["next_latents"], out["velocity"]
         yield None
     grid = dit.to_host(latents).astype(np.float32)  # (N, C, 8, 8)
     gen.release("dit_step")
@@ -164,7 +140,8 @@ def blank_prompt_features(gen) -> np.ndarray:
         s["negative_seed"], (1, d["in_channels"], d["input_size"], d["input_size"])
     )
     cond = gen.conditioning(gen.manifest["template"]["negative_prompt"], template=False)
-    *_, negative = flow_features(gen, cond, noise, s["steps"], s["guidance"])  # (1, 64, C)
+    plan = flow_plan(s["sampler"], s["steps"])
+    *_, negative = flow_features(gen, cond, noise, plan, s["guidance"])  # (1, 64, C)
     return negative
 
 

@@ -6,14 +6,15 @@
 | `prefill`     | text decoder over input embeddings -> hidden, logits, KV     | both          |
 | `decode`      | token + fixed-capacity KV cache (read) -> logits, its K/V row | understanding |
 | `dit`         | NextDiT velocity on the CFG batch                            | generation    |
-| `dit_step`    | CFG batch + DiT + guidance + flow Euler update, fused        | generation    |
+| `dit_step`    | CFG batch + DiT + guidance + flow sampler update, fused      | generation    |
 | `unet`        | decoder UNet epsilon on the CFG batch                        | generation    |
-| `unet_step`   | scale + CFG batch + UNet + guidance + Euler update, fused     | generation    |
+| `unet_step`   | scale + CFG batch + UNet + guidance + sampler update, fused  | generation    |
 | `vae_decoder` | latents -> images in [0, 1]                                  | generation    |
 
 Token embedding lookups and M-RoPE / vision-grid metadata stay on the host (numpy). The specs
 are built by the exporter from the model config and stored in the engine folder's manifest; the
-runtime reads them back from there.
+runtime reads them back from there. The step graphs take their update's coefficients as
+scalars (`runtime.samplers`): one graph serves every sampler of its family.
 """
 
 from __future__ import annotations
@@ -134,13 +135,17 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
             "dit_step",
             inputs=(
                 TensorSpec("latents", F, ("batch", c, s, s)),
+                TensorSpec("prev_velocity", F, ("batch", c, s, s)),
                 TensorSpec("timestep", "int64", one, low=0, high=1000),
-                TensorSpec("sigma", "float32", one, low=0.0, high=1.0),
-                TensorSpec("sigma_next", "float32", one, low=0.0, high=1.0),
+                TensorSpec("c_velocity", "float32", one, low=-1.0, high=0.0),
+                TensorSpec("c_prev", "float32", one, low=0.0, high=0.5),
                 TensorSpec("cond", F, ("batch", d.n_query, d.hidden)),
                 TensorSpec("guidance", "float32", one, low=0.0, high=10.0),
             ),
-            outputs=(TensorSpec("next_latents", F, ("batch", c, s, s)),),
+            outputs=(
+                TensorSpec("next_latents", F, ("batch", c, s, s)),
+                TensorSpec("velocity", F, ("batch", c, s, s)),
+            ),
             dims=(images,),
         ),
         GraphSpec(
@@ -157,14 +162,22 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
             "unet_step",
             inputs=(
                 TensorSpec("latents", F, ("batch", lc, ls, ls)),
+                TensorSpec("prev_denoised", F, ("batch", lc, ls, ls)),
                 TensorSpec("timestep", "float32", one, low=0.0, high=1000.0),
-                TensorSpec("sigma", "float32", one, low=0.0, high=20.0),
-                TensorSpec("sigma_next", "float32", one, low=0.0, high=20.0),
+                TensorSpec("in_scale", "float32", one, low=0.05, high=1.0),
+                TensorSpec("d_sample", "float32", one, low=1.0, high=20.0),
+                TensorSpec("d_eps", "float32", one, low=-20.0, high=0.0),
+                TensorSpec("c_sample", "float32", one, low=0.0, high=20.0),
+                TensorSpec("c_eps", "float32", one, low=-20.0, high=0.0),
+                TensorSpec("c_prev", "float32", one, low=-1.0, high=0.0),
                 TensorSpec("features", F, ("batch", d.n_query, c)),
                 TensorSpec("negative", F, (1, d.n_query, c)),
                 TensorSpec("guidance", "float32", one, low=0.0, high=10.0),
             ),
-            outputs=(TensorSpec("next_latents", F, ("batch", lc, ls, ls)),),
+            outputs=(
+                TensorSpec("next_latents", F, ("batch", lc, ls, ls)),
+                TensorSpec("denoised", F, ("batch", lc, ls, ls)),
+            ),
             dims=(images,),
         ),
         GraphSpec(

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.samplers import DECODER_SAMPLERS, FLOW_SAMPLERS
 from runtime.schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
 from runtime.spec import PRECISIONS, spec_from_dict
 
@@ -131,7 +132,38 @@ GRAPH = {
     "engine?": FILE,
 }
 
-SCHEMA_V1 = {
+# The generation settings a `sampler` section, and each of its named presets, gives.
+SAMPLER_SETTINGS = {
+    "sampler": _one_of(*FLOW_SAMPLERS),
+    "steps": _int(1, 1000),
+    "guidance": _number(0.0, 100.0),
+    "decoder_sampler": _one_of(*DECODER_SAMPLERS),
+    "decoder_steps": _int(1, 1000),
+    "decoder_guidance": _number(0.0, 100.0),
+}
+
+
+def _preset_ok(value) -> bool:
+    """A table of named presets, each some of the sampler settings."""
+
+    def ok(name, preset) -> bool:
+        return (
+            isinstance(name, str)
+            and bool(re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name))
+            and isinstance(preset, dict)
+            and set(preset) <= set(SAMPLER_SETTINGS)
+            and all(SAMPLER_SETTINGS[k].ok(v) for k, v in preset.items())
+        )
+
+    return isinstance(value, dict) and all(ok(k, v) for k, v in value.items())
+
+
+PRESETS = Check(
+    "a table of named presets (lower-case names), each some of: " + ", ".join(SAMPLER_SETTINGS),
+    _preset_ok,
+)
+
+SCHEMA_V2 = {
     "format": _int(1),
     "variant": _str(re.compile(r"^[A-Za-z0-9_.-]+$"), "a variant name (letters, digits, ._-)"),
     "precision": _one_of(*PRECISIONS),
@@ -185,17 +217,17 @@ SCHEMA_V1 = {
         "negative_prompt": TEXT,
     },
     "sampler": {
-        "steps": _int(1, 1000),
-        "guidance": _number(0.0, 100.0),
-        "decoder_steps": _int(1, 1000),
-        "decoder_guidance": _number(0.0, 100.0),
+        **SAMPLER_SETTINGS,
         "negative_seed": _int(),
         "decoder_negative": _one_of(*DECODER_NEGATIVES),
+        "presets?": PRESETS,
     },
 }
 
-# Format -> (schema, the first runtime version that reads it).
-SCHEMAS = {1: (SCHEMA_V1, "0.1.0")}
+# Format -> (schema, the first runtime version that reads it). Format 2: the step graphs take
+# their sampler's coefficients (`runtime.samplers`) and the sampler section names the samplers;
+# a format-1 folder is rebuilt.
+SCHEMAS = {2: (SCHEMA_V2, "0.2.0")}
 FORMAT_VERSION = max(SCHEMAS)
 
 

@@ -212,3 +212,50 @@ def euler_discrete_step(
     x0 = x - s * eps  # predicted clean sample
     derivative = (x - x0) / s
     return (x + derivative * (s_next - s)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM-Solver multistep (the decoder's fast sampler)
+# ----------------------------------------------------------------------------------------------
+
+
+def dpm_solver_schedule(
+    steps: int,
+    *,
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    beta_schedule: str = "scaled_linear",
+    timestep_spacing: str = "leading",
+    steps_offset: int = 1,
+) -> EulerDiscreteSchedule:
+    """Timesteps and sigmas of diffusers' ``DPMSolverMultistepScheduler`` built from the same
+    scheduler config (no Karras/Lu/exponential sigmas, ``final_sigmas_type="zero"``, no lambda
+    clipping). Its timesteps are integers (as float32 here, what the UNet receives); the sample
+    lives in the variance-preserving space, so ``init_noise_sigma`` is 1.
+
+    ``leading`` spacing differs from Euler's: diffusers divides by ``steps + 1`` and drops the
+    last (0) timestep.
+    """
+    _check_steps(steps, upper=num_train_timesteps)
+    last = num_train_timesteps
+    if timestep_spacing == "linspace":
+        timesteps = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif timestep_spacing == "leading":
+        ratio = last // (steps + 1)
+        timesteps = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+        timesteps = timesteps + steps_offset
+    elif timestep_spacing == "trailing":
+        ratio = num_train_timesteps / steps
+        timesteps = np.arange(last, 0, -ratio).round().astype(np.int64) - 1
+    else:
+        raise ValueError(
+            f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}"
+        )
+    train_sigmas = _train_sigmas(num_train_timesteps, beta_start, beta_end, beta_schedule)  # (T,)
+    sigmas = np.interp(timesteps, np.arange(num_train_timesteps), train_sigmas)  # (steps,) f64
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (steps + 1,)
+    timesteps = timesteps.astype(np.float32)
+    timesteps.setflags(write=False)
+    sigmas.setflags(write=False)
+    return EulerDiscreteSchedule(timesteps=timesteps, sigmas=sigmas, init_noise_sigma=1.0)

@@ -203,6 +203,44 @@ def test_latency_names_the_build_command_for_a_missing_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_frontier_through_the_runtime(tiny_engine_dir, tmp_path, capsys):
+    from benchmarks import frontier
+
+    out, chart = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    args = ["--engines", str(tiny_engine_dir), "--per-task", "1", "--baseline", "euler:3,euler:4"]
+    args += ["--setting", "heun:2,dpmpp_2m:2", "--setting", "euler:3,euler:4"]
+    assert frontier.main([*args, "--out", str(out), "--chart", str(chart)]) == 0
+    result = json.loads(out.read_text())
+    base, other = result["rows"]  # the baseline first, measured once
+    assert base["label"] == "euler3+euler4" and other["label"] == "heun2+dpmpp_2m2"
+    assert (base["dit_forwards"], base["unet_forwards"]) == (6, 8)
+    assert (other["dit_forwards"], other["unet_forwards"]) == (6, 4)  # heun: 2N - 1 calls
+    assert all(0 <= r["geneval"]["overall"] <= 1 for r in result["rows"])
+    proj = base["projected_s"]["h100-sxm/16-bit"]
+    assert proj > other["projected_s"]["h100-sxm/16-bit"] > 0  # fewer UNet calls, less time
+    assert proj > base["projected_s"]["h100-sxm/8-bit"]
+    assert result["folder_fast_preset"] == tiny_manifest_fast(tiny_engine_dir)
+    assert chart.stat().st_size > 0 and "fast pick" in capsys.readouterr().out
+    assert frontier.main(["--engines", str(tmp_path / "none")]) == 2
+
+
+def tiny_manifest_fast(folder):
+    return json.loads((folder / "manifest.json").read_text())["sampler"]["presets"]["fast"]
+
+
+def test_frontier_pick_is_the_fewest_forwards_within_tolerance():
+    from benchmarks.frontier import pick_fast
+
+    rows = [
+        {"forwards": 160, "geneval": {"overall": 0.40}},
+        {"forwards": 60, "geneval": {"overall": 0.36}},  # 0.04 below: out
+        {"forwards": 100, "geneval": {"overall": 0.38}},
+        {"forwards": 100, "geneval": {"overall": 0.39}},  # same forwards, better
+    ]
+    assert pick_fast(rows, 0.03) is rows[3]
+    assert pick_fast(rows, 0.0) is rows[0]
+
+
 def test_quality_through_the_runtime(tiny_engine_dir, tmp_path, capsys):
     from benchmarks import quality
 

@@ -290,8 +290,10 @@ def test_tiny_round_trip_is_exact(tiny):
         torch.equal(x, y) for (_, x), (_, y) in zip(model.named_buffers(), loaded.named_buffers())
     )
     assert loaded.qwen.lm_head.weight is loaded.qwen.model.language_model.embed_tokens.weight
+    # the weights are bit-equal (above); outputs only to float32 rounding: tensors read back from
+    # safetensors may sit at other alignments, and some CPUs' kernels then round differently
     for want, got in zip(outputs(model, decoder), outputs(loaded, pipe.decoder)):
-        assert torch.equal(want, got)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_saved_keys_use_published_names(tiny):

@@ -1,23 +1,27 @@
 """Generation graphs in ONNX Runtime against the PyTorch reference, at untraced shapes.
 
-The fused step graphs are compared with the reference sampler's own step (training.flow's CFG +
-Euler for the DiT; diffusers' EulerDiscreteScheduler for the UNet), not with their wrappers.
+The fused step graphs, fed each sampler's plan (runtime.samplers), are compared with the
+reference samplers (training.flow's CFG + Euler / Heun for the DiT; diffusers' EulerDiscrete and
+DPMSolverMultistep schedulers for the UNet, step by step), not with their wrappers.
 Tolerances: atol 1e-4 + rtol 1e-4 on fp32 outputs of magnitude ~1-10.
 """
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
 
 from export.dims import graph_dims
 from export.onnx_export import export_graph, ort_session, run_ort, torch_feeds, trace_sizes
 from export.plan import random_pipeline
 from export.stage_defs import graph_module
+from runtime import samplers
 from runtime.graphs import graph_specs
 from runtime.spec import check_feeds, sample_inputs
 from training import flow
 from training.config import from_preset
+from training.model.decoder import DECODER_SAMPLERS
 
 pytestmark = pytest.mark.slow  # exports graphs
 
@@ -63,58 +67,54 @@ def test_graph_matches_its_wrapper(exported, name):
         check_feeds(spec, feeds)
         got = run_ort(sessions[name], feeds)
         with torch.no_grad():
-            ref = module(**torch_feeds(spec, feeds)).numpy()
-        np.testing.assert_allclose(got[spec.output_names[0]], ref, **scaled_tol(ref))
+            refs = module(**torch_feeds(spec, feeds))
+        refs = refs if isinstance(refs, tuple) else (refs,)
+        assert len(refs) == len(spec.output_names)
+        for out_name, ref in zip(spec.output_names, refs):
+            ref = ref.numpy()
+            np.testing.assert_allclose(got[out_name], ref, **scaled_tol(ref))
 
 
-def test_dit_step_is_the_reference_sampler_step(exported):
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_dit_step_is_the_reference_sampler(exported, sampler):
+    """Every call of a flow plan through the graph equals the reference sampler (training.flow)."""
     pipe, specs, sessions = exported
-    b, i, steps, guidance = 3, 4, 30, 3.0
-    sigmas, timesteps = flow.sigma_schedule(steps), flow.timesteps_for(flow.sigma_schedule(steps))
-    x = torch.randn(b, 32, 8, 8)
+    b, steps, guidance = 3, 4, 3.0
+    noise = torch.randn(b, 32, 8, 8)
     cond = torch.randn(b, 64, 128)
     with torch.no_grad():
-        v = pipe.model.velocity(
-            torch.cat([x, x]), timesteps[i].expand(2 * b), torch.cat([torch.zeros_like(cond), cond])
+        expected = flow.sample_features(
+            pipe.model.velocity, cond, noise, steps=steps, guidance=guidance, sampler=sampler
         )
-        v = flow.cfg_combine(v[:b], v[b:], guidance)
-        expected = flow.euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
-    got = run_ort(
-        sessions["dit_step"],
-        {
-            "latents": x.numpy(),
-            "timestep": np.array([timesteps[i]]),
-            "sigma": sigmas[i : i + 1].numpy(),
-            "sigma_next": sigmas[i + 1 : i + 2].numpy(),
-            "cond": cond.numpy(),
-            "guidance": np.array([guidance], np.float32),
-        },
-    )["next_latents"]
-    np.testing.assert_allclose(got, expected.numpy(), **TOL)
+    latents, velocity = noise.numpy(), np.zeros_like(noise.numpy())
+    for call in samplers.flow_plan(sampler, steps).calls:
+        feeds = samplers.dit_feeds(call, latents, velocity, cond.numpy(), guidance)
+        out = run_ort(sessions["dit_step"], feeds)
+        latents, velocity = out["next_latents"], out["velocity"]
+    np.testing.assert_allclose(latents, expected.numpy(), **TOL)
 
 
-def test_unet_step_is_the_diffusers_scheduler_step(exported):
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_unet_step_is_the_diffusers_scheduler_step(exported, sampler):
+    """Step by step, the graph fed the sampler's plan equals diffusers' scheduler."""
     pipe, specs, sessions = exported
     dec = pipe.decoder
-    scheduler = EulerDiscreteScheduler.from_config(dec.scheduler.config)
-    scheduler.set_timesteps(10)
+    kind, options = DECODER_SAMPLERS[sampler]
+    scheduler = kind.from_config(dec.scheduler.config, **options)
+    scheduler.set_timesteps(6)
+    plan = samplers.decoder_plan(sampler, 6, dataclasses.asdict(pipe.config.decoder))
     b, guidance = 2, 3.0
     latents = torch.randn(b, 4, 16, 16) * scheduler.init_noise_sigma
+    denoised = np.zeros_like(latents.numpy())
     feats, neg = torch.randn(b, 64, 32), torch.randn(1, 64, 32)
-    for i, t in enumerate(scheduler.timesteps[:3]):
-        sigma, sigma_next = scheduler.sigmas[i], scheduler.sigmas[i + 1]
-        got = run_ort(
-            sessions["unet_step"],
-            {
-                "latents": latents.numpy(),
-                "timestep": np.array([t], np.float32),
-                "sigma": np.array([sigma], np.float32),
-                "sigma_next": np.array([sigma_next], np.float32),
-                "features": feats.numpy(),
-                "negative": neg.numpy(),
-                "guidance": np.array([guidance], np.float32),
-            },
-        )["next_latents"]
+    assert len(plan.calls) == len(scheduler.timesteps)
+    for call, t in zip(plan.calls, scheduler.timesteps):
+        assert call.timestep == float(t)
+        feeds = samplers.unet_feeds(
+            call, latents.numpy(), denoised, feats.numpy(), neg.numpy(), guidance
+        )
+        out = run_ort(sessions["unet_step"], feeds)
+        got, denoised = out["next_latents"], out["denoised"]
         with torch.no_grad():
             model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             eps = dec.epsilon(model_in, t.expand(2 * b), torch.cat([feats, neg.expand(b, -1, -1)]))

@@ -46,6 +46,7 @@ def test_export_uses_only_runtime_plain_data():
     # errors, hardware (precision per GPU), probe (machine facts) and compat (install rules) are
     # the plain-data decisions the exporter shares with `runtime doctor`
     allowed = {"runtime.spec", "runtime.graphs", "runtime.manifest", "runtime.schedule"}
+    allowed |= {"runtime.samplers"}  # the sampler plans the step graphs are fed
     allowed |= {"runtime.errors", "runtime.hardware", "runtime.probe", "runtime.compat"}
     allowed |= {"runtime.manifest_schema"}  # the manifest's schema, with the manifest
     # the build samples (decoder negative, calibration feeds) with the runtime's own loop over

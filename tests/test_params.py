@@ -11,7 +11,15 @@ from runtime.cli import build_parser, main
 from runtime.errors import UserError
 from runtime.params import GeneratorParams, from_arguments
 
-SAMPLER = {"steps": 30, "guidance": 3.0, "decoder_steps": 50, "decoder_guidance": 2.5}
+SAMPLER = {
+    "sampler": "euler",
+    "steps": 30,
+    "guidance": 3.0,
+    "decoder_sampler": "euler",
+    "decoder_steps": 50,
+    "decoder_guidance": 2.5,
+    "presets": {"fast": {"steps": 15, "decoder_sampler": "dpmpp_2m", "decoder_steps": 20}},
+}
 FIELDS = [f.name for f in dataclasses.fields(GeneratorParams)]
 
 
@@ -26,6 +34,12 @@ FIELDS = [f.name for f in dataclasses.fields(GeneratorParams)]
         (dict(seed=True), r"^seed must be an integer, got True \(bool\)$"),
         (dict(num_images=0), r"^num_images must be in \[1, 1024\], got 0$"),
         (dict(steps="30"), r"^steps must be an integer, got '30' \(str\)$"),
+        (
+            dict(decoder_sampler="ddim"),
+            r"^decoder_sampler must be one of euler, dpmpp_2m, got 'ddim'$",
+        ),
+        (dict(sampler="dpmpp_2m"), r"^sampler must be one of euler, heun, got 'dpmpp_2m'$"),
+        (dict(preset=3), r"^preset must be a str, got int$"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_it_and_the_range(kwargs, match):
@@ -42,6 +56,16 @@ def test_values_are_normalized_and_unset_ones_resolve_from_the_manifest():
     assert (r.decoder_steps, r.decoder_guidance) == (50, 2.5)
     with pytest.raises(UserError, match=r"num_images must be in \[1, 4\], got 5"):
         GeneratorParams(num_images=5).resolved(SAMPLER, max_images=4)
+
+
+def test_a_preset_fills_what_is_unset_and_set_fields_win():
+    r = GeneratorParams(preset="fast", decoder_steps=12).resolved(SAMPLER, max_images=1)
+    assert (r.sampler, r.steps, r.guidance) == ("euler", 15, 3.0)
+    assert (r.decoder_sampler, r.decoder_steps) == ("dpmpp_2m", 12)
+    plain = GeneratorParams().resolved(SAMPLER, max_images=1)
+    assert (plain.steps, plain.decoder_sampler, plain.decoder_steps) == (30, "euler", 50)
+    with pytest.raises(UserError, match=r"^preset must be one of fast, got 'turbo'$"):
+        GeneratorParams(preset="turbo").resolved(SAMPLER, max_images=1)
 
 
 def test_keywords_build_the_same_params_in_one_place():

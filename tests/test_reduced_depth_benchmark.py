@@ -13,7 +13,11 @@ def test_reduced_depth_benchmark_fields(tmp_path):
     argv = ["--variant", "tiny", "--layers", "1", "--graphs", "dit_step", "--work", str(tmp_path)]
     assert reduced_depth.main([*argv, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["layers"] == 1 and set(result["stages"]) == {"assets", "negative", "export:dit_step"}
+    assert result["layers"] == 1 and set(result["stages"]) == {
+        "assets",
+        "negative",
+        "export:dit_step",
+    }
     stage = result["stages"]["export:dit_step"]
     assert stage["peak_bytes"] > 0 and stage["disk_bytes"] > 0 and stage["seconds"] > 0
     error = result["parity"]["dit_step"]["next_latents"]

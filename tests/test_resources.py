@@ -72,7 +72,8 @@ def test_feed_bytes_come_from_the_spec():
     specs = graph_specs(graph_dims(cfg))
     c, s, h = cfg.dit.in_channels, cfg.dit.input_size, cfg.backbone.hidden_size
     latents, cond = c * s * s * 4, 64 * h * 4
-    assert r.feed_bytes(specs["dit_step"]) == latents + cond + 8 + 3 * 4  # + timestep, scalars
+    # latents and the sampler state (prev_velocity), cond, the timestep, three float scalars
+    assert r.feed_bytes(specs["dit_step"]) == 2 * latents + cond + 8 + 3 * 4
     assert r.feed_bytes(specs["dit"]) == 2 * latents + 2 * 8 + 2 * cond  # CFG batch 2
 
 

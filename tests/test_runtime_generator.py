@@ -35,6 +35,34 @@ def test_generate_matches_reference_pipeline(gen, tiny_reference):
         assert np.abs(ours - ref).max() <= 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sampler", "decoder_sampler"), [("heun", "dpmpp_2m"), ("euler", "dpmpp_2m")]
+)
+def test_every_sampler_matches_the_reference_pipeline(
+    gen, tiny_reference, sampler, decoder_sampler
+):
+    """The runtime's plans over the step graphs equal the reference's diffusers schedulers."""
+    samplers = dict(sampler=sampler, decoder_sampler=decoder_sampler)
+    ours = np.asarray(gen.generate("a red circle", seed=3, **FAST, **samplers)[0]).astype(int)
+    ref = np.asarray(tiny_reference.generate("a red circle", seed=3, **FAST, **samplers))
+    default = np.asarray(gen.generate("a red circle", seed=3, **FAST)[0]).astype(int)
+    assert np.abs(ours - ref.astype(int)).max() <= 2
+    assert np.abs(ours - default).max() > 2  # another sampler: another image
+
+
+def test_a_preset_and_its_settings_give_the_same_image(gen):
+    fast = gen.manifest["sampler"]["presets"]["fast"]
+    job = gen.start("a red circle", preset="fast")
+    assert {k: getattr(job.params, k) for k in fast} == fast
+    dit = 2 * job.params.steps - 1 if job.params.sampler == "heun" else job.params.steps
+    assert job.total == 1 + dit + job.params.decoder_steps + 1
+    gen._job_finished(job)
+    a = gen.generate("a red circle", seed=1, preset="fast", decoder_steps=3)[0]
+    b = gen.generate("a red circle", seed=1, **{**fast, "decoder_steps": 3})[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_negative_features_are_the_built_file_and_match_reference(gen, tiny_reference):
     """tiny's decoder negative is zeros (its UNet's dropped condition), in reference and runtime."""
     assert gen.manifest["sampler"]["decoder_negative"] == "zeros"

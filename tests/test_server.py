@@ -78,6 +78,18 @@ def test_openai_images_equal_the_runtime(client, gen):
     assert out.usage.input_tokens > 0
 
 
+def test_the_sampler_extension_equals_the_runtime(client, gen):
+    settings = {"sampler": "heun", "decoder_sampler": "dpmpp_2m"}
+    out = client.images.generate(
+        model="blip3o-tiny-fp32",
+        prompt="a red circle",
+        response_format="b64_json",
+        extra_body={"seed": 2, **FAST, **settings},
+    )
+    expected = gen.generate("a red circle", seed=2, steps=2, decoder_steps=3, **settings)
+    assert np.array_equal(png(out.data[0].b64_json), np.asarray(expected[0]))
+
+
 def test_openai_images_stream(client, gen):
     events = list(
         client.images.generate(
@@ -166,6 +178,14 @@ def test_chat_stream_ends_in_done(url, gen):
             "'high'",
         ),
         ("images/generations", {"prompt": "x", "n": 99}, 400, "n", "got 99"),
+        (
+            "images/generations",
+            {"prompt": "x", "decoder_sampler": "ddim"},
+            400,
+            "decoder_sampler",
+            "one of euler, dpmpp_2m, got 'ddim'",
+        ),
+        ("images/generations", {"prompt": "x", "preset": "turbo"}, 400, "preset", "'turbo'"),
         ("images/generations", {"prompt": "x", "seed": -1}, 400, "seed", "got -1"),
         ("images/generations", {"prompt": ""}, 400, "prompt", "empty"),
         ("images/generations", {"prompt": "x", "size": "1024x1024"}, 400, "size", "64x64"),

@@ -44,7 +44,7 @@ def test_buffer_plan_dit_step_at_profile_max_fp16(specs):
     assert plan["cond"] == ((4, 64, 2048), np.dtype("float16"), 4 * 64 * 2048 * 2)
     assert plan["next_latents"][0] == (4, 1792, 8, 8)
     assert plan["timestep"] == ((1,), np.dtype("int64"), 8)
-    assert plan["sigma"] == ((1,), np.dtype("float32"), 4)  # declared float32, not graph float
+    assert plan["c_velocity"] == ((1,), np.dtype("float32"), 4)  # declared float32, not graph float
     assert set(plan) == {*specs["dit_step"].input_names, *specs["dit_step"].output_names}
 
 
@@ -93,9 +93,10 @@ def test_pool_size_is_the_aligned_max():
 def _dit_shapes(batch=2, **over):
     shapes = {
         "latents": (batch, 1792, 8, 8),
+        "prev_velocity": (batch, 1792, 8, 8),
         "timestep": (1,),
-        "sigma": (1,),
-        "sigma_next": (1,),
+        "c_velocity": (1,),
+        "c_prev": (1,),
         "cond": (batch, 64, 2048),
         "guidance": (1,),
     }
@@ -186,15 +187,15 @@ def test_engine_compat_without_engine_or_record():
 def test_engine_io_errors(specs):
     spec = specs["dit_step"]
     io = {t.name: ("input", "HALF") for t in spec.inputs}
-    io.update(timestep=("input", "INT64"), sigma=("input", "FLOAT"))
-    io.update(sigma_next=("input", "FLOAT"), guidance=("input", "FLOAT"))
-    io["next_latents"] = ("output", "HALF")
+    io.update(timestep=("input", "INT64"), c_velocity=("input", "FLOAT"))
+    io.update(c_prev=("input", "FLOAT"), guidance=("input", "FLOAT"))
+    io["next_latents"] = io["velocity"] = ("output", "HALF")
     assert engine_io_errors(spec, "fp16", io) == []
     errors = engine_io_errors(spec, "fp32", io)
     assert "latents: engine dtype HALF, spec expects float32 at fp32" in errors
     del io["next_latents"]
     assert engine_io_errors(spec, "fp16", io) == [
-        "engine outputs [], spec outputs ['next_latents']"
+        "engine outputs ['velocity'], spec outputs ['next_latents', 'velocity']"
     ]
 
 

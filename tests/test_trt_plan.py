@@ -80,14 +80,15 @@ def test_profiles_are_the_spec_profiles_at_4b_dims(specs, onnx_files):
     # fp8 is a Q/DQ graph with float32 I/O; declared dtypes stay as they are
     assert p["dit_step"].input_dtypes == {
         "latents": "float32",
+        "prev_velocity": "float32",
         "timestep": "int64",
-        "sigma": "float32",
-        "sigma_next": "float32",
+        "c_velocity": "float32",
+        "c_prev": "float32",
         "cond": "float32",
         "guidance": "float32",
     }
     fp16 = _plans(specs, onnx_files, precision="fp16")["dit_step"].input_dtypes
-    assert fp16["latents"] == "float16" and fp16["sigma"] == "float32"
+    assert fp16["latents"] == "float16" and fp16["c_velocity"] == "float32"
 
 
 def test_engine_file_names_carry_precision_trt_version_and_sm(specs, onnx_files):

@@ -214,6 +214,10 @@ class DecoderConfig:
 
 
 DECODER_NEGATIVES = ("blank_prompt", "zeros")
+# The engine folder's named sampler presets (`sampler.presets` in its manifest); "fast" is the
+# fewest model forwards whose mini-GenEval stays within 0.03 of BLIP3-o's 30 + 50 Euler steps on
+# the shipped tiny (benchmarks/frontier.py, benchmarks/results/frontier-tiny.json).
+FAST_PRESET = {"sampler": "euler", "steps": 15, "decoder_sampler": "dpmpp_2m", "decoder_steps": 20}
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,11 @@ class SamplerConfig:
     # of the blank prompt) or "zeros" (all-zero features: the dropped condition a decoder trained
     # with zeroed conditions, like tiny's UNet, has seen).
     decoder_negative: str = "blank_prompt"
+    # The samplers (the runtime's `runtime.samplers`): BLIP3-o's Euler for both by default; the
+    # DiT also takes "heun", the decoder "dpmpp_2m" (diffusers' DPM-Solver++ 2M).
+    sampler: str = "euler"
+    decoder_sampler: str = "euler"
+    presets: dict = field(default_factory=lambda: {"fast": dict(FAST_PRESET)})
 
     def __post_init__(self) -> None:
         if self.decoder_negative not in DECODER_NEGATIVES:

@@ -5,7 +5,9 @@ predicts the velocity v = eps - x0 and sees the timestep t = 1000 sigma. Trainin
 uniformly over 1000 discrete levels (1/1000 .. 1) and drops the conditioning of 10% of the
 samples to zeros (the unconditional branch of classifier-free guidance). Sampling follows
 diffusers' FlowMatchEulerDiscreteScheduler (shift 1) fed BLIP3-o's sigmas
-`linspace(1, 1/steps, steps)` then 0, with the timestep cast to an integer as BLIP3-o does.
+`linspace(1, 1/steps, steps)` then 0, with the timestep cast to an integer as BLIP3-o does;
+`sampler="heun"` follows FlowMatchHeunDiscreteScheduler's update on the same sigmas (an Euler
+predictor, then a corrector averaging the two velocities, Euler alone into sigma 0).
 
 Noise convention shared with the runtime: noise is drawn on the host by
 `np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)`, so CPU and GPU runs and
@@ -61,6 +63,9 @@ def host_noise(seed: int, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
     return [torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) for shape in shapes]
 
 
+FLOW_SAMPLERS = ("euler", "heun")
+
+
 def sample_features(
     velocity: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     cond: torch.Tensor,
@@ -68,21 +73,32 @@ def sample_features(
     *,
     steps: int,
     guidance: float,
+    sampler: str = "euler",
 ) -> torch.Tensor:
-    """Euler sampling with CFG, batch order [uncond (zeros), cond] as in BLIP3-o.
+    """Flow sampling with CFG, batch order [uncond (zeros), cond] as in BLIP3-o.
 
     velocity(x (2B, C, h, w), t (2B,) int64, cond (2B, 64, H)) -> (2B, C, h, w).
     cond: (B, 64, H); noise: (B, C, h, w). Returns the (B, C, h, w) sample at sigma = 0.
     """
+    if sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(FLOW_SAMPLERS)}")
     sigmas = sigma_schedule(steps)
-    timesteps = timesteps_for(sigmas)
     cond_in = torch.cat([torch.zeros_like(cond), cond])  # (2B, 64, H)
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = (sigma.float() * NUM_TRAIN_TIMESTEPS).to(torch.long)  # truncated, as timesteps_for
+        t = t.expand(2 * x.shape[0]).to(x.device)  # (2B,)
+        v_uncond, v_cond = velocity(torch.cat([x, x]), t, cond_in).chunk(2)
+        return cfg_combine(v_uncond, v_cond, guidance)
+
     x = noise.to(cond.dtype)
     for i in range(steps):
-        t = timesteps[i].expand(2 * x.shape[0]).to(x.device)  # (2B,)
-        v_uncond, v_cond = velocity(torch.cat([x, x]), t, cond_in).chunk(2)
-        v = cfg_combine(v_uncond, v_cond, guidance)
-        x = euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        v = guided(x, sigma)
+        if sampler == "heun" and sigma_next > 0:
+            x_pred = euler_step(x, v, float(sigma), float(sigma_next))
+            v = 0.5 * (v + guided(x_pred, sigma_next))
+        x = euler_step(x, v, float(sigma), float(sigma_next))
     return x
 
 

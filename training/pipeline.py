@@ -91,11 +91,22 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def sample_tokens(
-        self, cond: torch.Tensor, noise: torch.Tensor, *, steps: int, guidance: float
+        self,
+        cond: torch.Tensor,
+        noise: torch.Tensor,
+        *,
+        steps: int,
+        guidance: float,
+        sampler: str = "euler",
     ) -> torch.Tensor:
         """Flow sampling of feature tokens: cond (B, 64, H), noise (B, C, h, w) -> (B, 64, C)."""
         grid = sample_features(
-            self.model.velocity, cond, noise.to(self.device), steps=steps, guidance=guidance
+            self.model.velocity,
+            cond,
+            noise.to(self.device),
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
         )
         return BLIP3o.features_to_tokens(grid)
 
@@ -112,7 +123,9 @@ class ReferencePipeline:
             else:
                 (noise,) = host_noise(s.negative_seed, self._feature_shape(1))
                 cond = self.conditioning("", template=False)
-                self._negative = self.sample_tokens(cond, noise, steps=s.steps, guidance=s.guidance)
+                self._negative = self.sample_tokens(
+                    cond, noise, steps=s.steps, guidance=s.guidance, sampler=s.sampler
+                )
         return self._negative
 
     def _feature_shape(self, n: int) -> tuple[int, int, int, int]:
@@ -149,8 +162,11 @@ class ReferencePipeline:
         decoder_steps: int = 50,
         decoder_guidance: float = 3.0,
         num_images: int = 1,
+        sampler: str = "euler",
+        decoder_sampler: str = "euler",
     ) -> Image.Image | list[Image.Image]:
-        """Text to image. Returns one PIL image, or a list when num_images > 1."""
+        """Text to image. Returns one PIL image, or a list when num_images > 1. `sampler` (the
+        DiT's: euler, heun) and `decoder_sampler` (euler, dpmpp_2m) as `runtime.samplers`."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         for name, value in (("steps", steps), ("decoder_steps", decoder_steps)):
@@ -162,13 +178,16 @@ class ReferencePipeline:
             seed, self._feature_shape(num_images), self._latent_shape(num_images)
         )
         cond = self.conditioning(prompt).expand(num_images, -1, -1)  # (N, 64, H)
-        tokens = self.sample_tokens(cond, noise, steps=steps, guidance=guidance)  # (N, 64, C)
+        tokens = self.sample_tokens(
+            cond, noise, steps=steps, guidance=guidance, sampler=sampler
+        )  # (N, 64, C)
         pixels = self.decoder.sample(
             tokens,
             self.negative_features(),
             latent_noise.to(self.device),
             steps=decoder_steps,
             guidance=decoder_guidance,
+            sampler=decoder_sampler,
         )  # (N, 3, S, S) in [0, 1]
         images = [to_pil(p) for p in pixels]
         return images[0] if num_images == 1 else images

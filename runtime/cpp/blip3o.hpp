@@ -88,6 +88,9 @@ struct GeneratorParams {
   std::optional<int> decoder_steps;
   std::optional<double> decoder_guidance;
   int num_images = 1;
+  std::optional<std::string> sampler;          // "euler" | "heun" (the DiT's flow sampler)
+  std::optional<std::string> decoder_sampler;  // "euler" | "dpmpp_2m" (the decoder's)
+  std::optional<std::string> preset;           // a preset of the engine folder, e.g. "fast"
 };
 
 namespace detail {
@@ -217,7 +220,9 @@ class BLIP3O_HIDDEN Generator {
           "guidance"_a = or_none(params.guidance),
           "decoder_steps"_a = or_none(params.decoder_steps),
           "decoder_guidance"_a = or_none(params.decoder_guidance),
-          "num_images"_a = params.num_images);
+          "num_images"_a = params.num_images, "sampler"_a = or_none(params.sampler),
+          "decoder_sampler"_a = or_none(params.decoder_sampler),
+          "preset"_a = or_none(params.preset));
       py::object images = handle().attr("generate")(prompt, py_params);
       std::vector<Image> out;
       for (py::handle pil : images) out.push_back(to_image(pil));

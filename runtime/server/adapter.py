@@ -4,11 +4,11 @@ The runtime core is moving (a params object, an understanding token job with str
 finish reasons, an in-place KV cache). The server reads today's API through these functions
 only, so a change of the core is a change of this file:
 
-- `prepare(gen, ...)`: validated generation params, the seeded noise and the decoder schedule of
+- `prepare(gen, ...)`: validated generation params, the seeded noise and the sampler plans of
   one request, taken from the runtime's own `GenerationJob` (so the server's noise convention and
-  schedules are the runtime's, never a copy); the job object is not stepped.
-- `dit_feeds` / `unet_feeds`: one step's feeds for a batch of rows, the same names and scalars
-  the runtime's loop feeds (`runtime.generation`).
+  sampler plans are the runtime's, never a copy); the job object is not stepped.
+- `dit_feeds` / `unet_feeds`: one call's feeds for a batch of rows: `runtime.samplers`' feeds,
+  the ones the runtime's loop builds.
 - `answer(...)`: image understanding with exact token counts and a finish reason, read from the
   runtime's prompt encoder while today's `answer_tokens` runs (the token job will report them).
 """
@@ -19,24 +19,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.generation import scalar
+from runtime import samplers
 from runtime.manifest import graph_spec
 from runtime.params import GeneratorParams
-from runtime.schedule import flow_sigmas, flow_timesteps
 from runtime.understanding import MAX_NEW_TOKENS, answer_tokens
 
 
 @dataclass
 class Prepared:
-    """One validated request: params, its noise and its decoder schedule (host data)."""
+    """One validated request: params, its noise and its sampler plans (host data)."""
 
     prompt: str
     params: GeneratorParams
     noise: np.ndarray  # (N, C, 8, 8) DiT noise
     latent_noise: np.ndarray  # (N, 4, l, l) decoder noise
-    schedule: object  # runtime.schedule EulerDiscrete schedule (timesteps, sigmas)
-    sigmas: np.ndarray  # (steps + 1,) flow sigmas
-    timesteps: np.ndarray  # (steps,) DiT timesteps
+    flow: samplers.FlowPlan  # the dit_step calls
+    decoder: samplers.DecoderPlan  # the unet_step calls
 
 
 def max_batch(gen) -> int:
@@ -51,37 +49,18 @@ def sampler_defaults(gen) -> dict:
     return dict(gen.manifest["sampler"])
 
 
-def prepare(
-    gen,
-    prompt: str,
-    *,
-    seed: int,
-    steps: int | None,
-    guidance: float | None,
-    decoder_steps: int | None,
-    decoder_guidance: float | None,
-    num_images: int,
-) -> Prepared:
-    """Validate one request (a `UserError` names the bad value) and draw its noise."""
-    job = gen.start(
-        prompt,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        decoder_steps=decoder_steps,
-        decoder_guidance=decoder_guidance,
-        num_images=num_images,
-    )
+def prepare(gen, prompt: str, **settings) -> Prepared:
+    """Validate one request (a `UserError` names the bad value) and draw its noise. `settings`
+    are `GeneratorParams` fields (`runtime.params.SETTINGS`)."""
+    job = gen.start(prompt, **settings)
     gen._job_finished(job)  # never stepped: it holds nothing open
-    sigmas = flow_sigmas(job.params.steps)
     return Prepared(
         prompt=job.prompt,
         params=job.params,
         noise=job.noise,
         latent_noise=job.latent_noise,
-        schedule=job.schedule,
-        sigmas=sigmas,
-        timesteps=flow_timesteps(sigmas),
+        flow=job.flow,
+        decoder=job.decoder,
     )
 
 
@@ -94,28 +73,13 @@ def negative_features(gen) -> np.ndarray:
     return gen.negative_features()  # (1, 64, C)
 
 
-def dit_feeds(gen, prep: Prepared, i: int, latents, cond) -> dict:
-    return {
-        "latents": latents,
-        "timestep": scalar(prep.timesteps[i], np.int64),
-        "sigma": scalar(prep.sigmas[i]),
-        "sigma_next": scalar(prep.sigmas[i + 1]),
-        "cond": cond,
-        "guidance": scalar(prep.params.guidance),
-    }
+def dit_feeds(prep: Prepared, i: int, latents, velocity, cond) -> dict:
+    return samplers.dit_feeds(prep.flow.calls[i], latents, velocity, cond, prep.params.guidance)
 
 
-def unet_feeds(gen, prep: Prepared, i: int, latents, features, negative) -> dict:
-    s = prep.schedule
-    return {
-        "latents": latents,
-        "timestep": scalar(s.timesteps[i]),
-        "sigma": scalar(s.sigmas[i]),
-        "sigma_next": scalar(s.sigmas[i + 1]),
-        "features": features,
-        "negative": negative,
-        "guidance": scalar(prep.params.decoder_guidance),
-    }
+def unet_feeds(prep: Prepared, i: int, latents, denoised, features, negative) -> dict:
+    call, guidance = prep.decoder.calls[i], prep.params.decoder_guidance
+    return samplers.unet_feeds(call, latents, denoised, features, negative, guidance)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runtime.params import SETTINGS
 from runtime.server import adapter, protocol
 from runtime.server.engine import CallTask, Cancelled, Engine, EngineClosed, ImageTask, QueueFull
 from runtime.server.metrics import Metrics
@@ -90,16 +91,7 @@ class State:
                 metrics=self.metrics,
             )
             if c.warmup:
-                prep = adapter.prepare(
-                    self.gen,
-                    "warm-up",
-                    seed=0,
-                    steps=1,
-                    guidance=None,
-                    decoder_steps=1,
-                    decoder_guidance=None,
-                    num_images=1,
-                )
+                prep = adapter.prepare(self.gen, "warm-up", seed=0, steps=1, decoder_steps=1)
                 task = ImageTask(prep)
                 self.engine.submit(task)
                 task.wait()
@@ -284,16 +276,8 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
         if not state.ready:
             state.submit(None)  # raises the 503
         try:
-            prep = adapter.prepare(
-                state.gen,
-                fields["prompt"],
-                seed=fields["seed"],
-                steps=fields["steps"],
-                guidance=fields["guidance"],
-                decoder_steps=fields["decoder_steps"],
-                decoder_guidance=fields["decoder_guidance"],
-                num_images=fields["num_images"],
-            )
+            settings = {k: fields[k] for k in SETTINGS}
+            prep = adapter.prepare(state.gen, fields["prompt"], **settings)
         except Exception as err:
             raise protocol.api_error(err) from err
         tokens = len(state.gen.prompts.generation_ids(prep.prompt))

@@ -5,10 +5,11 @@ Requests enter a bounded queue (`QueueFull` when it is full: the HTTP layer answ
 differ in length and the prefill graph has no attention mask, so prefills are not batched), then
 repeatedly picks the group holding the oldest running request and makes one session call for it:
 
-- a group is the requests at the same point of the same schedule: `("dit", step, steps,
-  guidance)`, `("unet", step, decoder_steps, decoder_guidance)` or `("vae",)`; the step graphs
-  take one timestep, sigma and guidance per call (`[1]` inputs) and a dynamic `batch` axis, so
-  only such requests can share a call;
+- a group is the requests at the same call of the same sampler plan: `("dit", call, sampler,
+  steps, guidance)`, `("unet", call, decoder_sampler, decoder_steps, decoder_guidance)` or
+  `("vae",)`; the step graphs take one timestep, one set of sampler coefficients and one
+  guidance per call (`[1]` inputs) and a dynamic `batch` axis, so only such requests can share a
+  call (each row carries its own multistep state);
 - its rows (a request of `n` images is `n` rows) are concatenated up to `max_batch` (the
   graphs' `batch` max), each with its own seeded noise, and split back after the call.
 
@@ -68,6 +69,10 @@ class _Waitable:
         return self._done_event.wait(timeout)
 
 
+# stage -> (its step graph, the graph's sampler-state output)
+STEP_GRAPHS = {"dit": ("dit_step", "velocity"), "unet": ("unet_step", "denoised")}
+
+
 @dataclass(eq=False)
 class ImageTask(_Waitable):
     """One image request as the engine sees it; the HTTP layer watches its fields."""
@@ -87,6 +92,7 @@ class ImageTask(_Waitable):
     finished: float | None = None
     cancel_requested: bool = False
     _latents: np.ndarray | None = None
+    _state: np.ndarray | None = None  # the multistep state: the last velocity / x0 prediction
     _cond: np.ndarray | None = None
     _features: np.ndarray | None = None
     _done_event: threading.Event = field(default_factory=threading.Event)
@@ -97,20 +103,19 @@ class ImageTask(_Waitable):
 
     @property
     def steps_total(self) -> int:
-        p = self.prep.params
-        return 1 + p.steps + p.decoder_steps + 1
+        return 1 + len(self.prep.flow.calls) + len(self.prep.decoder.calls) + 1
 
     def key(self) -> tuple:
         p = self.prep.params
         if self.stage == "dit":
-            return ("dit", self.step, p.steps, p.guidance)
+            return ("dit", self.step, p.sampler, p.steps, p.guidance)
         if self.stage == "unet":
-            return ("unet", self.step, p.decoder_steps, p.decoder_guidance)
+            return ("unet", self.step, p.decoder_sampler, p.decoder_steps, p.decoder_guidance)
         return (self.stage,)
 
     def partial_steps(self) -> set[int]:
-        """UNet step indices after which a partial image is sent (evenly spaced, not the last)."""
-        n, k = self.prep.params.decoder_steps, self.partial_images
+        """UNet call indices after which a partial image is sent (evenly spaced, not the last)."""
+        n, k = len(self.prep.decoder.calls), self.partial_images
         return {round((j + 1) * n / (k + 1)) - 1 for j in range(k)} - {n - 1} if k else set()
 
 
@@ -262,7 +267,7 @@ class Engine:
             if task in self._running:
                 self._running.remove(task)
             self._gauges()
-        task._latents = task._cond = task._features = None
+        task._latents = task._state = task._cond = task._features = None
         task._done_event.set()
         self._emit("done", task, None)
 
@@ -301,6 +306,7 @@ class Engine:
                 continue
             task._cond = np.repeat(cond, task.rows, axis=0).astype(self.gen.io_dtype)
             task._latents = task.prep.noise.astype(self.gen.io_dtype)
+            task._state = np.zeros_like(task._latents)
             task.stage, task.step = "dit", 0
             self._advance(task)
         if fresh or not self._running:
@@ -322,18 +328,32 @@ class Engine:
         task.steps_done += 1
         self._emit("progress", task, None)
 
+    def _call(self, stage: str, group: list[ImageTask], feeds_of) -> int:
+        """One step-graph call for `group`; each task's latents and state move to its rows of
+        the outputs. Returns the call index."""
+        gen, i = self.gen, group[0].step
+        latents = np.concatenate([t._latents for t in group])  # (R, ...)
+        state = np.concatenate([t._state for t in group])  # (R, ...)
+        name, state_out = STEP_GRAPHS[stage]
+        session = gen.session(name)
+        feeds = feeds_of(i, latents, state)
+
+        def run():
+            out = session.run(feeds)
+            return session.to_host(out["next_latents"]), session.to_host(out[state_out])
+
+        out, state = self._timed(stage, len(latents), run)
+        for task, part, part_state in zip(group, _split(out, group), _split(state, group)):
+            task._latents, task._state, task.step = part, part_state, i + 1
+        return i
+
     def _dit(self, group: list[ImageTask]) -> None:
         gen, first = self.gen, group[0]
-        i = first.step
-        latents = np.concatenate([t._latents for t in group])  # (R, C, 8, 8)
         cond = np.concatenate([t._cond for t in group])  # (R, 64, H)
-        dit = gen.session("dit_step")
-        feeds = adapter.dit_feeds(gen, first.prep, i, latents, cond)
-        out = self._timed("dit", len(latents), lambda: dit.to_host(dit.run(feeds)["next_latents"]))
-        for task, part in zip(group, _split(out, group)):
-            task._latents, task.step = part, i + 1
-            if task.step == task.prep.params.steps:
-                grid = part.astype(np.float32)  # (N, C, 8, 8)
+        self._call("dit", group, lambda i, x, v: adapter.dit_feeds(first.prep, i, x, v, cond))
+        for task in group:
+            if task.step == len(task.prep.flow.calls):
+                grid = task._latents.astype(np.float32)  # (N, C, 8, 8)
                 features = grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1)
                 try:
                     checks.finite("the DiT's image features", features, HINT)
@@ -341,26 +361,26 @@ class Engine:
                     self._finish(task, "failed", err)
                     continue
                 task._features = np.ascontiguousarray(features.astype(gen.io_dtype))
-                s = task.prep.schedule
-                task._latents = (task.prep.latent_noise * s.init_noise_sigma).astype(gen.io_dtype)
+                plan = task.prep.decoder
+                task._latents = (task.prep.latent_noise * plan.init_noise_sigma).astype(
+                    gen.io_dtype
+                )
+                task._state = np.zeros_like(task._latents)
                 task.stage, task.step = "unet", 0
             self._advance(task)
 
     def _unet(self, group: list[ImageTask]) -> None:
         gen, first = self.gen, group[0]
-        i = first.step
         negative = adapter.negative_features(gen).astype(gen.io_dtype)  # (1, 64, C)
-        latents = np.concatenate([t._latents for t in group])  # (R, 4, l, l)
         features = np.concatenate([t._features for t in group])  # (R, 64, C)
-        unet = gen.session("unet_step")
-        feeds = adapter.unet_feeds(gen, first.prep, i, latents, features, negative)
-        out = self._timed(
-            "unet", len(latents), lambda: unet.to_host(unet.run(feeds)["next_latents"])
+        i = self._call(
+            "unet",
+            group,
+            lambda i, x, d: adapter.unet_feeds(first.prep, i, x, d, features, negative),
         )
         partial = [t for t in group if i in t.partial_steps()]
-        for task, part in zip(group, _split(out, group)):
-            task._latents, task.step = part, i + 1
-            if task.step == task.prep.params.decoder_steps:
+        for task in group:
+            if task.step == len(task.prep.decoder.calls):
                 task.stage, task.step = "vae_decoder", 0
             self._advance(task)
         if partial:  # previews: the current latents through the VAE, for those that asked

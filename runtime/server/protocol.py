@@ -142,6 +142,10 @@ def image_request(body: dict, *, model: str, image_size: int, defaults: dict) ->
         "decoder_steps": body.get("decoder_num_inference_steps"),
         "decoder_guidance": body.get("decoder_guidance_scale"),
         "num_images": body.get("n", 1),
+        # our extension: the samplers (runtime.samplers) or a preset of the engine folder
+        "sampler": body.get("sampler"),
+        "decoder_sampler": body.get("decoder_sampler"),
+        "preset": body.get("preset"),
         "stream": _get(body, "stream", (bool,), False),
         "partial_images": partial,
         "size": allowed,

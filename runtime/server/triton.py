@@ -79,6 +79,9 @@ def orchestrator_config(manifest: dict, *, engines: Path, runtime_path: Path, ki
         ("DECODER_STEPS", "TYPE_INT32"),
         ("DECODER_GUIDANCE", "TYPE_FP32"),
         ("NUM_IMAGES", "TYPE_INT32"),
+        ("SAMPLER", "TYPE_STRING"),
+        ("DECODER_SAMPLER", "TYPE_STRING"),
+        ("PRESET", "TYPE_STRING"),
     ]
     optional = "".join(
         f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n    optional: true\n  }},\n'

@@ -3,8 +3,9 @@
 It runs the runtime's generation loop (`Generator.generate`: prefill, DiT steps, UNet steps,
 VAE) with each session call sent to the graph models of the same repository through BLS.
 Inputs: PROMPT (string), optional SEED, STEPS, GUIDANCE, DECODER_STEPS, DECODER_GUIDANCE,
-NUM_IMAGES; output IMAGES (N, H, W, 3) uint8. Parameters: ENGINES (the engine folder, for the
-tokenizer, embeddings and manifest) and RUNTIME_PATH (where the `runtime` package is).
+NUM_IMAGES, SAMPLER, DECODER_SAMPLER, PRESET (strings); output IMAGES (N, H, W, 3) uint8.
+Parameters: ENGINES (the engine folder, for the tokenizer, embeddings and manifest) and
+RUNTIME_PATH (where the `runtime` package is).
 """
 
 import json
@@ -13,6 +14,11 @@ import sys
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 OPTIONAL = {
     "SEED": ("seed", int),
     "STEPS": ("steps", int),
@@ -20,6 +26,9 @@ OPTIONAL = {
     "DECODER_STEPS": ("decoder_steps", int),
     "DECODER_GUIDANCE": ("decoder_guidance", float),
     "NUM_IMAGES": ("num_images", int),
+    "SAMPLER": ("sampler", _text),
+    "DECODER_SAMPLER": ("decoder_sampler", _text),
+    "PRESET": ("preset", _text),
 }
 
 
@@ -71,7 +80,7 @@ class TritonPythonModel:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         kwargs[key] = cast(tensor.as_numpy().reshape(-1)[0])
-                text = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
+                text = _text(prompt)
                 images = self.gen.generate(text, **kwargs)
                 pixels = np.stack([np.asarray(im) for im in images]).astype(np.uint8)
                 responses.append(

@@ -13,11 +13,22 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
 from torch import nn
 
 from training.config import DecoderConfig
 from training.model.cross_attention_rope import install_cross_attention_rope
+
+# The decoder's samplers: diffusers' scheduler and its options over the decoder's own config.
+DECODER_SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
 
 
 def unet_kwargs(cfg: DecoderConfig) -> dict:
@@ -134,12 +145,19 @@ class Decoder(nn.Module):
         *,
         steps: int,
         guidance: float,
+        sampler: str = "euler",
     ) -> torch.Tensor:
         """Denoise `noise` (B, 4, h, w) into images (B, 3, H, W) in [0, 1].
 
-        CFG batch [cond, neg]: features (B, 64, C), negative (1, 64, C).
+        CFG batch [cond, neg]: features (B, 64, C), negative (1, 64, C). `sampler`: "euler"
+        (diffusers' EulerDiscreteScheduler, BLIP3-o's) or "dpmpp_2m" (DPMSolverMultistepScheduler,
+        dpmsolver++ order 2), either built from the decoder's own scheduler config.
         """
-        scheduler = EulerDiscreteScheduler.from_config(self.scheduler.config)
+        if sampler not in DECODER_SAMPLERS:
+            valid = ", ".join(DECODER_SAMPLERS)
+            raise ValueError(f"unknown decoder sampler {sampler!r}; valid: {valid}")
+        kind, options = DECODER_SAMPLERS[sampler]
+        scheduler = kind.from_config(self.scheduler.config, **options)
         scheduler.set_timesteps(steps)
         b = features.shape[0]
         feats = torch.cat([features, negative.to(features).expand(b, -1, -1)])  # (2B, 64, C)
