@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         help="reduced depth: the variant's real widths with N layers per stack (tests, memory "
         "checks; a checkpoint written so, or --random-weights)",
     )
+    parser.add_argument(
+        "--static-batch",
+        type=int,
+        metavar="B",
+        help="TensorRT only: pin the generation graphs' batch to B images (engines captured into "
+        "CUDA graphs on their first run, then replayed; every call takes exactly B images)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild every stage")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     parser.add_argument(
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         dry_run=args.dry_run,
         seed=args.seed,
         random_weights=args.random_weights,
+        static_batch=args.static_batch,
         progress=not args.quiet,
     )
     try:

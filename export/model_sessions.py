@@ -69,6 +69,21 @@ class ModelSession:
         pass  # the component goes when another is loaded, or with `ModelGraphs.release`
 
 
+def host_entries(manifest: dict, *, negative: bool = True) -> dict:
+    """The manifest's `host` section from its build stages' records: the `assets` stage's
+    files, and the `negative` stage's (once it has run)."""
+    stages = manifest["stages"]
+    files = {f["file"]: f for f in stages["assets"]["files"]}
+    host = {
+        "embeddings": files["embeddings.npy"],
+        "latent_queries": files["latent_queries.npy"],
+        "tokenizer": files["tokenizer.json"],
+    }
+    if negative:
+        (host["negative_features"],) = stages["negative"]["files"]
+    return host
+
+
 def model_generator(
     folder,
     manifest: dict,
@@ -93,3 +108,21 @@ def model_generator(
     return Generator(
         folder, view, backend="torch", device=device, low_memory=False, open_graph=open_graph
     )
+
+
+def calibration_generator(folder, manifest: dict, source, *, device: str = "cpu"):
+    """(Generator, Recorder, ModelGraphs) to record calibration feeds over `source`'s model in
+    fp32: `folder`'s manifest (its `assets` and `negative` stages done) and every graph's spec.
+    Release the `ModelGraphs` when done."""
+    from export.calibration import Recorder
+    from export.dims import graph_dims
+    from runtime.graphs import graph_specs
+
+    graphs = ModelGraphs(source, dtype="fp32", device=device)
+    recorder = Recorder()
+    specs = graph_specs(graph_dims(source.config))
+    gen = model_generator(
+        folder, manifest, host_entries(manifest), specs,
+        lambda spec: recorder.wrap(graphs.open(spec)), precision="fp32", device=device,
+    )  # fmt: skip
+    return gen, recorder, graphs

@@ -72,6 +72,9 @@ class BuildRequest:
     decoder_scheduler: str = "check"  # the checkpoint's scheduler config vs the preset
     device: str = "auto"  # where calibration and the negative run: cuda when torch sees a GPU
     decoder_negative: str | None = None  # blank_prompt|zeros; None: the checkpoint config's
+    # TensorRT: the generation graphs' batch pinned to B (specs, ONNX, engines and manifest), so
+    # the runtime captures their engines into CUDA graphs; every call then takes exactly B images
+    static_batch: int | None = None
 
 
 def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | None]:
@@ -102,6 +105,7 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
     for name, value in (
         ("calibration_count", request.calibration_count),
         ("layers", request.layers),
+        ("static_batch", request.static_batch),
         *zip(("calibration_steps DiT", "calibration_steps UNet"), request.calibration_steps or ()),
     ):
         bad = isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -113,6 +117,11 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
         full = from_preset(request.variant).backbone.num_layers
         if request.layers > full:
             raise BuildError(f"--layers {request.layers}: {request.variant} has {full} layers")
+    if request.static_batch is not None and request.backend != "tensorrt":
+        raise BuildError(
+            "--static-batch pins TensorRT engines for CUDA-graph capture; it needs --backend "
+            f"tensorrt (got --backend {request.backend})"
+        )
     if request.random_weights and request.checkpoint is not None:
         raise BuildError("--random-weights and --checkpoint exclude each other")
     if request.variant != "tiny" and request.checkpoint is None and not request.random_weights:
@@ -153,12 +162,29 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
     return precision, sm, trt
 
 
+def pinned_specs(specs: dict, static_batch: int) -> dict:
+    """Every spec with a `batch` / `cfg_batch` dim pinned to B / 2B (`export.trt_plan.pin_batch`);
+    the text graphs (their own batch and sequence dims) stay dynamic. B must fit the profile."""
+    from export.trt_plan import BATCH_DIMS, pin_batch
+
+    try:
+        return {
+            name: pin_batch(spec, static_batch)
+            if any(d.name in BATCH_DIMS for d in spec.dims)
+            else spec
+            for name, spec in specs.items()
+        }
+    except ValueError as err:
+        raise BuildError(f"--static-batch {static_batch}: {err}") from err
+
+
 def output_folder(request: BuildRequest, precision: str, label: str | None = None) -> Path:
     """`engines/<variant>[-L<layers>]-<precision>[-<backend>]` unless `--out`; the backend is
     left out for onnxruntime, so folders of different backends never share a name."""
     label = label or request.variant
     backend = "" if request.backend == "onnxruntime" else f"-{request.backend}"
-    folder = request.out or REPO / "engines" / f"{label}-{precision}{backend}"
+    pinned = f"-b{request.static_batch}" if request.static_batch else ""
+    folder = request.out or REPO / "engines" / f"{label}-{precision}{backend}{pinned}"
     if (folder / "manifest.json").exists():
         try:
             old = load_manifest(folder)
@@ -215,6 +241,8 @@ def build(request: BuildRequest) -> Path:
     cfg = source.config
     folder = output_folder(request, precision, depth_label(cfg))
     specs = graph_specs(graph_dims(cfg))
+    if request.static_batch is not None:
+        specs = pinned_specs(specs, request.static_batch)
     wanted = request.graphs or RUNTIME_GRAPHS
     names = [g for g in GRAPHS if g in wanted]
     versions = tool_versions()
@@ -261,7 +289,9 @@ def _run_stages(engine: EngineFolder, factory, names: list[str], request: BuildR
         engine.save()
     bar.close()
     source.release()
-    manifest["host"] = factory.host_entry(engine)
+    from export.model_sessions import host_entries
+
+    manifest["host"] = host_entries(engine.manifest)
     engine.save()
 
 

@@ -74,7 +74,7 @@ class StageCost:
 
 @dataclass(frozen=True)
 class CalibrationCost:
-    """What calibrating the Q/DQ graphs costs (`collect_feed_sets` phase by phase)."""
+    """What calibrating the Q/DQ graphs costs (`collect_feed_sets`, stage by stage)."""
 
     prompts: int
     held_out: int
@@ -89,8 +89,8 @@ class CalibrationCost:
     # loads it on the host first; the backbone and DiT stream to the GPU tensor by tensor)
 
     @property
-    def prefills(self) -> int:
-        return self.prompts + self.held_out + 1
+    def prefills(self) -> int:  # and the blank prompt's, where the negative is sampled
+        return self.prompts + self.held_out + (1 if self.negative_steps else 0)
 
     @property
     def dit_forwards(self) -> int:  # each at CFG batch 2

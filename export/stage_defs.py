@@ -138,7 +138,9 @@ class StageFactory:
             key.update(
                 checkpoint=self.source.hash,
                 precision=dtype,
-                sampler={k: getattr(s, k) for k in ("steps", "guidance", "negative_seed")},
+                sampler={
+                    k: getattr(s, k) for k in ("sampler", "steps", "guidance", "negative_seed")
+                },
                 prompt=engine.manifest["template"]["negative_prompt"],
                 assets=engine.manifest["stages"]["assets"]["files"],
                 code=exporter_source_hash("negative"),
@@ -146,7 +148,7 @@ class StageFactory:
         return Stage("negative", key, run, info={"decoder_negative": s.decoder_negative})
 
     def _blank_prompt_features(self, engine: EngineFolder, dtype: str) -> np.ndarray:
-        from export.model_sessions import ModelGraphs, model_generator
+        from export.model_sessions import ModelGraphs, host_entries, model_generator
         from export.source import calibration_device
         from runtime.generation import blank_prompt_features
 
@@ -155,7 +157,7 @@ class StageFactory:
         log.info("negative: the blank prompt's DiT features (%s, %s)", dtype, device)
         try:
             gen = model_generator(
-                engine.folder, engine.manifest, self.host_entry(engine, negative=False),
+                engine.folder, engine.manifest, host_entries(engine.manifest, negative=False),
                 self.specs, graphs.open, precision=dtype, device=device,
             )  # fmt: skip
             return blank_prompt_features(gen)
@@ -191,10 +193,12 @@ class StageFactory:
         s = self.source.config.sampler
         return tuple(self.request.calibration_steps or (s.steps, s.decoder_steps))
 
-    def calibration(self) -> dict:
-        """Sampler feeds for calibration, and held-out feeds (other prompts, other seed)."""
+    def calibration(self, engine: EngineFolder) -> dict:
+        """Sampler feeds for calibration, and held-out feeds (other prompts, other seed),
+        recorded from the runtime's loop over the model (after the `negative` stage)."""
         if self._calibration is None:
             from export.calibration import collect_feed_sets
+            from export.model_sessions import calibration_generator
             from export.source import calibration_device
 
             prompts, held = self.calibration_prompts()
@@ -202,17 +206,22 @@ class StageFactory:
             device = calibration_device(self.request.device)
             log.info("calibrating: %d prompts, %d + %d steps, on %s", len(prompts), *steps, device)
             s = self.source.config.sampler
-            self._calibration = collect_feed_sets(
-                lambda phase: self.source.load(phase, dtype="fp32", device=device),
-                {"feeds": (prompts, 0), "held_out": (held, 100)},
-                steps=steps[0],
-                guidance=s.guidance,
-                decoder_steps=steps[1],
-                decoder_guidance=s.decoder_guidance,
-                graphs=tuple(g for g in self.graphs if self.quantized(g)),
-                device=device,
+            gen, recorder, graphs = calibration_generator(
+                engine.folder, engine.manifest, self.source, device=device
             )
-            self.source.release()
+            try:
+                self._calibration = collect_feed_sets(
+                    gen,
+                    recorder,
+                    {"feeds": (prompts, 0), "held_out": (held, 100)},
+                    steps=steps[0],
+                    guidance=s.guidance,
+                    decoder_steps=steps[1],
+                    decoder_guidance=s.decoder_guidance,
+                    graphs=tuple(g for g in self.graphs if self.quantized(g)),
+                )
+            finally:
+                graphs.release()
         return self._calibration
 
     def _calibration_key(self) -> dict:
@@ -227,7 +236,7 @@ class StageFactory:
         file = f"{name}.{self.precision}.onnx"
 
         def run(tmp: Path) -> dict:
-            data = self.calibration()
+            data = self.calibration(engine)
             report = quantize_graph(
                 engine.folder / src_file,
                 tmp / file,
@@ -303,15 +312,3 @@ class StageFactory:
         if self.request.backend == "tensorrt" and trt:
             entry["engine"] = next(f for f in trt["files"] if f["file"] == trt["engine"])
         return entry
-
-    def host_entry(self, engine: EngineFolder, *, negative: bool = True) -> dict:
-        stages = engine.manifest["stages"]
-        files = {f["file"]: f for f in stages["assets"]["files"]}
-        host = {
-            "embeddings": files["embeddings.npy"],
-            "latent_queries": files["latent_queries.npy"],
-            "tokenizer": files["tokenizer.json"],
-        }
-        if negative:
-            (host["negative_features"],) = stages["negative"]["files"]
-        return host

@@ -45,7 +45,7 @@ class GenerationJob:
         self.decoder = decoder_plan(params.decoder_sampler, params.decoder_steps, dec)
         self.total = 1 + len(self.flow.calls) + len(self.decoder.calls) + 1
         self.done_steps = 0
-        self.stage = "prefill"
+        self.stage = "prefill"  # the stage the next `step()` runs ("done" at the end)
         self._images: list[Image.Image] | None = None
         self._work = self._run()
         gen._jobs.add(self)
@@ -79,28 +79,30 @@ class GenerationJob:
         io = gen.io_dtype
         cond = gen.conditioning(self.prompt)  # (1, 64, H) host array
         cond = np.repeat(cond, p.num_images, axis=0).astype(io)
-        yield "prefill"
         self.stage = "dit"
-        features = None
-        for features in flow_features(gen, cond, self.noise, self.flow, p.guidance):
+        yield "prefill"
+        features, last = None, len(self.flow.calls) - 1
+        for i, features in enumerate(flow_features(gen, cond, self.noise, self.flow, p.guidance)):
             if features is None:
+                if i == last:
+                    self.stage = "unet"
                 yield "dit"
         hint = "lower the guidance scales or check the engine folder (python export/check.py)"
         checks.finite("the DiT's image features", features, hint)
         negative = gen.negative_features()  # (1, 64, C)
-        self.stage = "unet"
         plan = self.decoder
         latents = (self.latent_noise * plan.init_noise_sigma).astype(io)
         denoised = np.zeros_like(latents)
         unet = gen.session("unet_step")
         feats, neg = np.ascontiguousarray(features.astype(io)), negative.astype(io)
-        for call in plan.calls:
+        for i, call in enumerate(plan.calls):
             feeds = unet_feeds(call, latents, denoised, feats, neg, p.decoder_guidance)
             out = unet.run(feeds)
             latents, denoised = out["next_latents"], out["denoised"]
+            if i == len(plan.calls) - 1:
+                self.stage = "vae_decoder"
             yield "unet"
         gen.release("unet_step")
-        self.stage = "vae_decoder"
         vae = gen.session("vae_decoder")
         images = vae.to_host(vae.run({"latents": latents})["images"]).astype(np.float32)
         gen.release("vae_decoder")

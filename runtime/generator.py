@@ -291,8 +291,10 @@ class Generator:
     def params(self, params: GeneratorParams | None = None, **settings) -> GeneratorParams:
         """`params` (or the defaults) with keyword `settings`, resolved against this folder:
         every unset value from the manifest's sampler, `num_images` within the batch size."""
-        max_images = graph_spec(self.manifest, "dit_step").dim("batch").max
-        return GeneratorParams.of(params, **settings).resolved(self.manifest["sampler"], max_images)
+        batch = graph_spec(self.manifest, "dit_step").dim("batch")
+        return GeneratorParams.of(params, **settings).resolved(
+            self.manifest["sampler"], batch.max, batch.min
+        )
 
     def start(
         self, prompt: str, params: GeneratorParams | None = None, **settings

@@ -138,7 +138,7 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
                 TensorSpec("prev_velocity", F, ("batch", c, s, s)),
                 TensorSpec("timestep", "int64", one, low=0, high=1000),
                 TensorSpec("c_velocity", "float32", one, low=-1.0, high=0.0),
-                TensorSpec("c_prev", "float32", one, low=0.0, high=0.5),
+                TensorSpec("c_prev", "float32", one, low=-0.5, high=0.5),
                 TensorSpec("cond", F, ("batch", d.n_query, d.hidden)),
                 TensorSpec("guidance", "float32", one, low=0.0, high=10.0),
             ),

@@ -87,10 +87,11 @@ class GeneratorParams:
             raise UserError(f"unknown generation setting(s) {unknown}; valid: {valid}")
         return dataclasses.replace(params or cls(), **settings)
 
-    def resolved(self, sampler: dict, max_images: int) -> GeneratorParams:
+    def resolved(self, sampler: dict, max_images: int, min_images: int = 1) -> GeneratorParams:
         """Every `None` filled from a manifest's `sampler` (through its `presets[preset]` first
-        when a preset is named); `num_images` at most `max_images`."""
-        checks.integer("num_images", self.num_images, 1, max_images)
+        when a preset is named); `num_images` in [min_images, max_images] (the graphs' batch:
+        a folder built with a static batch takes exactly that many)."""
+        checks.integer("num_images", self.num_images, min_images, max_images)
         defaults = {k: sampler[k] for k in SAMPLER_FIELDS}
         if self.preset is not None:
             presets = sampler.get("presets") or {}

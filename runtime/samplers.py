@@ -31,6 +31,10 @@ Flow samplers on BLIP3-o's sigmas ``linspace(1, 1/N, N)`` then 0, the DiT seeing
   then a corrector averaging the two velocities, except into the final sigma 0 (Euler only):
   2N - 1 calls. The corrector is fed the predicted point, so
   ``next = predicted + dt/2 v2 - dt/2 v1``.
+* ``lms``: ``LMSDiscreteScheduler``'s linear multistep at order 2 on the flow ODE
+  ``dx/dsigma = v`` (Adams-Bashforth 2 over the sigma grid): the velocity of the previous call
+  is the state, first call Euler, N calls. With ``h`` this step and ``h'`` the previous one:
+  ``next = x + h (1 + h / 2h') v - h^2 / 2h' v_prev``.
 
 Coefficients are computed in float64 and fed as float32 scalars.
 """
@@ -51,7 +55,7 @@ from runtime.schedule import (
 )
 
 DECODER_SAMPLERS = ("euler", "dpmpp_2m")
-FLOW_SAMPLERS = ("euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun", "lms")
 
 
 def check_sampler(name: str, value, valid: tuple[str, ...]) -> str:
@@ -173,7 +177,13 @@ def flow_plan(sampler: str, steps: int) -> FlowPlan:
     calls = []
     for i in range(steps):
         dt = float(np.float32(sigmas[i + 1]) - np.float32(sigmas[i]))
-        if sampler == "euler" or sigmas[i + 1] == 0:
+        if sampler == "lms" and i > 0:
+            h, h_prev = float(sigmas[i + 1]) - float(sigmas[i]), float(sigmas[i] - sigmas[i - 1])
+            calls.append(
+                DiTStep(int(timesteps[i]), h * (1 + h / (2 * h_prev)), -h * h / (2 * h_prev))
+            )
+            continue
+        if sampler in ("euler", "lms") or sigmas[i + 1] == 0:
             calls.append(DiTStep(int(timesteps[i]), dt, 0.0))
             continue
         calls.append(DiTStep(int(timesteps[i]), dt, 0.0))  # predictor at sigma_i

@@ -97,8 +97,9 @@ def cfg_combine(uncond: np.ndarray, cond: np.ndarray, guidance: float) -> np.nda
 
 
 @dataclass(frozen=True)
-class EulerDiscreteSchedule:
-    """An ``EulerDiscreteScheduler`` schedule after ``set_timesteps`` (immutable host data).
+class DiscreteSchedule:
+    """A discrete scheduler's schedule after ``set_timesteps`` (immutable host data): diffusers'
+    ``EulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``.
 
     Attributes:
         timesteps: float32 ``(steps,)``, the value the UNet receives at each step.
@@ -130,6 +131,20 @@ def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     return out
 
 
+def _interpolated_sigmas(timesteps: np.ndarray, num_train_timesteps: int, *betas) -> np.ndarray:
+    """float32 (steps + 1,): the training sigmas at `timesteps` (linear interpolation, float64
+    as numpy's), then a final 0."""
+    train_sigmas = _train_sigmas(num_train_timesteps, *betas)  # (T,)
+    sigmas = np.interp(timesteps, np.arange(num_train_timesteps), train_sigmas)  # (steps,) f64
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (steps + 1,)
+
+
+def _frozen(timesteps: np.ndarray, sigmas: np.ndarray, init_noise_sigma: float):
+    timesteps.setflags(write=False)
+    sigmas.setflags(write=False)
+    return DiscreteSchedule(timesteps=timesteps, sigmas=sigmas, init_noise_sigma=init_noise_sigma)
+
+
 def _train_sigmas(
     num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str
 ) -> np.ndarray:
@@ -154,7 +169,7 @@ def euler_discrete_schedule(
     beta_schedule: str = "scaled_linear",
     timestep_spacing: str = "leading",
     steps_offset: int = 1,
-) -> EulerDiscreteSchedule:
+) -> DiscreteSchedule:
     """Timesteps and sigmas of diffusers' ``EulerDiscreteScheduler`` (linear interpolation of the
     training sigmas, no Karras/exponential/beta sigmas, final sigma 0).
 
@@ -176,21 +191,16 @@ def euler_discrete_schedule(
         raise ValueError(
             f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}"
         )
-    train_sigmas = _train_sigmas(num_train_timesteps, beta_start, beta_end, beta_schedule)  # (T,)
-    sigmas = np.interp(timesteps, np.arange(num_train_timesteps), train_sigmas)  # (steps,) f64
-    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (steps + 1,)
-
+    sigmas = _interpolated_sigmas(
+        timesteps, num_train_timesteps, beta_start, beta_end, beta_schedule
+    )  # (steps + 1,)
     max_sigma = sigmas.max()
     if timestep_spacing in ("linspace", "trailing"):
         init_noise_sigma = float(max_sigma)
     else:
         init_noise_sigma = float((max_sigma**2 + np.float32(1)) ** np.float32(0.5))
-    timesteps.setflags(write=False)
-    sigmas.setflags(write=False)
     logger.debug("euler schedule: %d steps, t0=%s, sigma0=%s", steps, timesteps[0], sigmas[0])
-    return EulerDiscreteSchedule(
-        timesteps=timesteps, sigmas=sigmas, init_noise_sigma=init_noise_sigma
-    )
+    return _frozen(timesteps, sigmas, init_noise_sigma)
 
 
 def scale_model_input(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -228,7 +238,7 @@ def dpm_solver_schedule(
     beta_schedule: str = "scaled_linear",
     timestep_spacing: str = "leading",
     steps_offset: int = 1,
-) -> EulerDiscreteSchedule:
+) -> DiscreteSchedule:
     """Timesteps and sigmas of diffusers' ``DPMSolverMultistepScheduler`` built from the same
     scheduler config (no Karras/Lu/exponential sigmas, ``final_sigmas_type="zero"``, no lambda
     clipping). Its timesteps are integers (as float32 here, what the UNet receives); the sample
@@ -252,10 +262,7 @@ def dpm_solver_schedule(
         raise ValueError(
             f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}"
         )
-    train_sigmas = _train_sigmas(num_train_timesteps, beta_start, beta_end, beta_schedule)  # (T,)
-    sigmas = np.interp(timesteps, np.arange(num_train_timesteps), train_sigmas)  # (steps,) f64
-    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # (steps + 1,)
-    timesteps = timesteps.astype(np.float32)
-    timesteps.setflags(write=False)
-    sigmas.setflags(write=False)
-    return EulerDiscreteSchedule(timesteps=timesteps, sigmas=sigmas, init_noise_sigma=1.0)
+    sigmas = _interpolated_sigmas(
+        timesteps, num_train_timesteps, beta_start, beta_end, beta_schedule
+    )  # (steps + 1,)
+    return _frozen(timesteps.astype(np.float32), sigmas, 1.0)

@@ -75,7 +75,7 @@ def test_graph_matches_its_wrapper(exported, name):
             np.testing.assert_allclose(got[out_name], ref, **scaled_tol(ref))
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "lms"])
 def test_dit_step_is_the_reference_sampler(exported, sampler):
     """Every call of a flow plan through the graph equals the reference sampler (training.flow)."""
     pipe, specs, sessions = exported

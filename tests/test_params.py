@@ -38,7 +38,7 @@ FIELDS = [f.name for f in dataclasses.fields(GeneratorParams)]
             dict(decoder_sampler="ddim"),
             r"^decoder_sampler must be one of euler, dpmpp_2m, got 'ddim'$",
         ),
-        (dict(sampler="dpmpp_2m"), r"^sampler must be one of euler, heun, got 'dpmpp_2m'$"),
+        (dict(sampler="dpmpp_2m"), r"^sampler must be one of euler, heun, lms, got 'dpmpp_2m'$"),
         (dict(preset=3), r"^preset must be a str, got int$"),
     ],
 )

@@ -1,9 +1,10 @@
 """INT8 / FP8 Q/DQ quantization of the generation graphs on a seeded random tiny model.
 
-The tiny dit_step, unet_step and vae_decoder graphs are exported once at fp32; calibration feeds
-come from the real sampler (3 prompts x 4 steps), the error is measured on held-out feeds (other
-prompts and seeds). Random weights make the error bounds a smoke check of the recipe (Q/DQ
-placement, exclusions, calibration plumbing), not a statement about trained-model quality.
+The tiny dit_step, unet_step and vae_decoder graphs are built once at fp32 (the real build,
+random weights); calibration feeds come from the runtime's loop over the same model (3 prompts x
+4 steps), the error is measured on held-out feeds (other prompts and seeds). Random weights make
+the error bounds a smoke check of the recipe (Q/DQ placement, exclusions, calibration plumbing),
+not a statement about trained-model quality.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import pytest
 import torch
 
 from export import quantize as q
-from export.calibration import collect_step_feeds, default_prompts, load_prompts
+from export.calibration import collect_feed_sets, default_prompts, load_prompts
 from export.dims import graph_dims
-from export.onnx_export import export_graph, ort_session, run_ort
-from export.wrappers.generation import DiTStepGraph, UNetStepGraph, VAEDecoderGraph
+from export.onnx_export import ort_session, run_ort
 from runtime.graphs import graph_specs
 from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
 from runtime.spec import check_feeds
+from training.config import from_preset
 
 STEPS = 4
 N_PROMPTS = 3
@@ -38,34 +39,38 @@ FLOAT8 = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_config, tiny_tokenizer):
-    """fp32 graphs of a seeded random tiny model, calibration and held-out feeds."""
-    from training.model.blip3o import BLIP3o
-    from training.model.decoder import Decoder
-    from training.pipeline import ReferencePipeline
+def world(tmp_path_factory):
+    """fp32 graphs of a seeded random tiny folder (the real build), calibration and held-out
+    feeds recorded from the runtime's loop over the same model (the build's calibration path)."""
+    from export.model_sessions import calibration_generator
+    from export.plan import BuildRequest, build
+    from export.source import ModelSource
+    from runtime.manifest import load_manifest
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is as fast and immune to a busy machine
+    out = tmp_path_factory.mktemp("quantize") / "tiny-fp32"
+    request = BuildRequest(variant="tiny", random_weights=True, seed=0, precision="fp32",
+                           graphs=GRAPHS, out=out, progress=False)  # fmt: skip
     try:
-        torch.manual_seed(0)
-        model, decoder = BLIP3o(tiny_config), Decoder(tiny_config.decoder)
-        pipeline = ReferencePipeline(model, decoder, tiny_tokenizer)
+        folder = build(request)
+        manifest = load_manifest(folder)
+        gen, recorder, graphs = calibration_generator(
+            folder, manifest, ModelSource(request, "fp32")
+        )
         prompts = default_prompts(N_PROMPTS + 2)
-        calib = collect_step_feeds(pipeline, prompts[:N_PROMPTS], seed=0, **SAMPLER)
-        held = collect_step_feeds(pipeline, prompts[N_PROMPTS:], seed=100, **SAMPLER)
-        capped = collect_step_feeds(pipeline, prompts[:2], max_samples=STEPS, **SAMPLER)
-        folder = tmp_path_factory.mktemp("quantize")
-        specs = graph_specs(graph_dims(tiny_config))
-        wrappers = {
-            "dit_step": DiTStepGraph(model.dit),
-            "unet_step": UNetStepGraph(decoder),
-            "vae_decoder": VAEDecoderGraph(decoder),
-        }
-        paths = {g: export_graph(w, specs[g], folder / f"{g}.onnx") for g, w in wrappers.items()}
+        sets = {"calib": (prompts[:N_PROMPTS], 0), "held": (prompts[N_PROMPTS:], 100)}
+        feeds = collect_feed_sets(gen, recorder, sets, **SAMPLER)
+        capped = collect_feed_sets(
+            gen, recorder, {"capped": (prompts[:2], 0)}, max_samples=STEPS, **SAMPLER
+        )["capped"]
+        graphs.release()
     finally:
         torch.set_num_threads(threads)
-    return dict(pipeline=pipeline, specs=specs, paths=paths, calib=calib, held=held,
-                capped=capped, folder=folder)  # fmt: skip
+    specs = graph_specs(graph_dims(from_preset("tiny")))
+    paths = {g: folder / manifest["graphs"][g]["file"] for g in GRAPHS}
+    return dict(gen=gen, recorder=recorder, specs=specs, paths=paths, calib=feeds["calib"],
+                held=feeds["held"], capped=capped, folder=folder)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -291,5 +296,6 @@ def test_bad_input_is_rejected(world, tmp_path):
     with pytest.raises(ValueError, match="feeds_list is empty"):
         q.measure_error(src, src, [])
     with pytest.raises(ValueError, match="steps must be an integer"):
-        collect_step_feeds(world["pipeline"], ["a"], **{**SAMPLER, "steps": 0})
+        bad = {**SAMPLER, "steps": 0}
+        collect_feed_sets(world["gen"], world["recorder"], {"x": (["a"], 0)}, **bad)
     assert not out.exists()

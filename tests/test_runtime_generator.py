@@ -93,9 +93,12 @@ def test_stepwise_job_counts_and_equals_generate(gen):
     job = gen.start("a green triangle", seed=3, **FAST)
     stages = []
     while not job.done:
+        upcoming = job.stage  # what the next step runs: a caller can step stage by stage
         stages.append(job.step())
-    assert len(stages) == job.total == 1 + 4 + 5 + 1
-    assert stages[0] == "prefill" and stages[-1] == "vae_decoder"
+        assert stages[-1] == upcoming
+    assert job.stage == "done"
+    assert stages == ["prefill"] + ["dit"] * 4 + ["unet"] * 5 + ["vae_decoder"]
+    assert len(stages) == job.total
     again = gen.generate("a green triangle", seed=3, **FAST)[0]
     assert np.array_equal(np.asarray(job.result()[0]), np.asarray(again))
 

@@ -12,6 +12,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    LMSDiscreteScheduler,
 )
 
 from runtime import samplers
@@ -134,6 +135,25 @@ def test_heun_equals_diffusers_on_blip3o_sigmas(steps):
     np.testing.assert_allclose(replay_flow(plan, noise), x.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 6, 15])
+def test_lms_equals_diffusers_at_order_2_on_blip3o_sigmas(steps):
+    """diffusers' LMSDiscreteScheduler (order 2) on the flow ODE: its epsilon-form derivative
+    (sample - (sample - sigma out)) / sigma is the model output, here the velocity."""
+    noise = np.random.default_rng(3).standard_normal((2, 3, 4, 4), dtype=np.float32)
+    ref = LMSDiscreteScheduler()
+    ref.set_timesteps(steps)
+    sigmas = flow_sigmas(steps)
+    ref.sigmas = torch.from_numpy(sigmas)
+    ref.timesteps = torch.from_numpy(sigmas[:-1] * 1000)
+    x = torch.from_numpy(noise)
+    for t, sigma in zip(ref.timesteps, sigmas):
+        v = velocity_model(x.numpy(), int(np.trunc(np.float32(sigma) * np.float32(1000))))
+        x = ref.step(torch.from_numpy(v), t, x, order=2).prev_sample
+    plan = samplers.flow_plan("lms", steps)
+    assert len(plan.calls) == steps and all(c.c_prev == 0 for c in plan.calls[:1])
+    np.testing.assert_allclose(replay_flow(plan, noise), x.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_flow_euler_plan_is_blip3os_sampler():
     from runtime.schedule import flow_euler_step, flow_timesteps
 
@@ -151,5 +171,5 @@ def test_unknown_sampler_is_one_clear_error():
         UserError, match=r"^decoder_sampler must be one of euler, dpmpp_2m, got 'ddim'"
     ):
         samplers.decoder_plan("ddim", 10, DECODER)
-    with pytest.raises(UserError, match=r"^sampler must be one of euler, heun, got 'rk4'$"):
+    with pytest.raises(UserError, match=r"^sampler must be one of euler, heun, lms, got 'rk4'$"):
         samplers.flow_plan("rk4", 10)

@@ -294,3 +294,37 @@ def test_compute_capability_from_nvidia_smi(tmp_path, monkeypatch):
     assert trt_build.compute_capability(1) is None  # one GPU only
     monkeypatch.setenv("PATH", str(tmp_path / "none"))
     assert trt_build.compute_capability() is None
+
+
+def test_static_batch_pins_the_generation_graphs_and_names_the_folder(specs):
+    from export.plan import BuildError, BuildRequest, build, output_folder, pinned_specs
+    from runtime.sessions.tensorrt import capturable
+
+    pinned = pinned_specs(specs, 1)
+    for name in ("dit_step", "unet_step", "vae_decoder", "dit", "unet"):
+        assert capturable(pinned[name]) and not capturable(specs[name])
+    assert pinned["dit"].dim("cfg_batch").max == 2 and pinned["dit_step"].dim("batch").min == 1
+    for name in ("prefill", "decode", "vision"):
+        assert pinned[name] == specs[name]  # their own dims stay dynamic
+    with pytest.raises(
+        BuildError,
+        match=r"--static-batch 99: dit: static_batch=99 puts cfg_batch=198 outside its range",
+    ):
+        pinned_specs(specs, 99)
+    request = BuildRequest(variant="4b", backend="tensorrt", static_batch=1)
+    assert output_folder(request, "fp8").name == "4b-fp8-tensorrt-b1"
+    with pytest.raises(BuildError, match="--static-batch .* needs --backend tensorrt"):
+        build(BuildRequest(variant="tiny", static_batch=1, dry_run=True))
+    with pytest.raises(BuildError, match="static_batch must be an integer >= 1, got 0"):
+        build(BuildRequest(variant="tiny", backend="tensorrt", static_batch=0, dry_run=True))
+
+
+def test_a_pinned_folder_takes_exactly_its_batch():
+    from runtime.errors import UserError
+    from runtime.params import GeneratorParams
+
+    sampler = {"sampler": "euler", "steps": 30, "guidance": 3.0, "decoder_sampler": "euler",
+               "decoder_steps": 50, "decoder_guidance": 3.0}  # fmt: skip
+    assert GeneratorParams(num_images=2).resolved(sampler, 2, 2).num_images == 2
+    with pytest.raises(UserError, match=r"num_images must be in \[2, 2\], got 1"):
+        GeneratorParams().resolved(sampler, 2, 2)

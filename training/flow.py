@@ -7,7 +7,9 @@ samples to zeros (the unconditional branch of classifier-free guidance). Samplin
 diffusers' FlowMatchEulerDiscreteScheduler (shift 1) fed BLIP3-o's sigmas
 `linspace(1, 1/steps, steps)` then 0, with the timestep cast to an integer as BLIP3-o does;
 `sampler="heun"` follows FlowMatchHeunDiscreteScheduler's update on the same sigmas (an Euler
-predictor, then a corrector averaging the two velocities, Euler alone into sigma 0).
+predictor, then a corrector averaging the two velocities, Euler alone into sigma 0);
+`sampler="lms"` is LMSDiscreteScheduler's linear multistep at order 2 on dx/dsigma = v
+(Adams-Bashforth 2 over the sigmas, the first step Euler).
 
 Noise convention shared with the runtime: noise is drawn on the host by
 `np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)`, so CPU and GPU runs and
@@ -63,7 +65,7 @@ def host_noise(seed: int, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
     return [torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) for shape in shapes]
 
 
-FLOW_SAMPLERS = ("euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun", "lms")
 
 
 def sample_features(
@@ -91,14 +93,18 @@ def sample_features(
         v_uncond, v_cond = velocity(torch.cat([x, x]), t, cond_in).chunk(2)
         return cfg_combine(v_uncond, v_cond, guidance)
 
-    x = noise.to(cond.dtype)
+    x, v_prev = noise.to(cond.dtype), None
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        v = guided(x, sigma)
+        v = v_now = guided(x, sigma)
         if sampler == "heun" and sigma_next > 0:
             x_pred = euler_step(x, v, float(sigma), float(sigma_next))
             v = 0.5 * (v + guided(x_pred, sigma_next))
+        if sampler == "lms" and v_prev is not None:  # the linear interpolant of v, integrated
+            h, h_prev = float(sigma_next - sigma), float(sigma - sigmas[i - 1])
+            v = (1 + h / (2 * h_prev)) * v - h / (2 * h_prev) * v_prev
         x = euler_step(x, v, float(sigma), float(sigma_next))
+        v_prev = v_now
     return x
 
 

@@ -88,7 +88,7 @@ struct GeneratorParams {
   std::optional<int> decoder_steps;
   std::optional<double> decoder_guidance;
   int num_images = 1;
-  std::optional<std::string> sampler;          // "euler" | "heun" (the DiT's flow sampler)
+  std::optional<std::string> sampler;          // "euler" | "heun" | "lms" (the DiT's)
   std::optional<std::string> decoder_sampler;  // "euler" | "dpmpp_2m" (the decoder's)
   std::optional<std::string> preset;           // a preset of the engine folder, e.g. "fast"
 };
