@@ -3,7 +3,8 @@
     python benchmarks/frontier.py --engines engines/tiny-fp32 [--per-task 16] [--seeds 2]
 
 For BLIP3-o's default (30 DiT + 50 UNet Euler steps) and a grid of fewer-step settings (the DiT
-at fewer Euler steps or with Heun; the decoder at fewer Euler steps or with DPM-Solver++ 2M),
+at fewer Euler steps, with Heun or with LMS; the decoder at fewer Euler steps or with
+DPM-Solver++ 2M),
 side by side in one run on the same prompts and seeds: mini-GenEval overall and per task through
 the runtime (`runtime.Generator`, the engines users ship), DiT and UNet forwards per image (CFG
 batch 2: two per call), wall and CPU seconds per image here, and from the same call counts the
@@ -37,15 +38,15 @@ GRID = (
     ("euler", 30, "euler", 50),
     ("euler", 30, "euler", 20),
     ("euler", 30, "dpmpp_2m", 20),
-    ("euler", 30, "dpmpp_2m", 15),
     ("euler", 30, "dpmpp_2m", 10),
     ("euler", 15, "euler", 50),
     ("heun", 8, "euler", 50),
+    ("lms", 15, "euler", 50),
     ("euler", 15, "dpmpp_2m", 20),
-    ("euler", 10, "dpmpp_2m", 20),
-    ("heun", 8, "dpmpp_2m", 20),
-    ("euler", 15, "dpmpp_2m", 15),
-    ("euler", 10, "dpmpp_2m", 10),
+    ("lms", 15, "dpmpp_2m", 20),
+    ("lms", 15, "dpmpp_2m", 10),
+    ("lms", 12, "dpmpp_2m", 10),
+    ("lms", 10, "dpmpp_2m", 10),
 )
 DEVICES = ("h100-sxm", "h200", "orin-agx-64")
 PRECISIONS = ("16-bit", "8-bit")

@@ -8,8 +8,9 @@ Latency does not depend on weight values, so random weights at the true shapes m
 latency. Timed per call (CUDA events, median after warm-up): DiT step at CFG batch 2 (our
 NextDiT), UNet step at CFG batch 2 on 128x128x4 latents and the VAE decode at 1024x1024 (the
 layout-equivalent stand-ins of `gpu_models.py`: random weights, for latency), prefill of 128
-tokens (transformers' Qwen2.5-VL text decoder). Step graphs include CFG and the Euler update,
-as the exported `dit_step`/`unet_step` do. Variants: eager fp16 and bf16; bf16 captured in a CUDA
+tokens (transformers' Qwen2.5-VL text decoder). Step graphs include CFG and the sampler update,
+as the exported `dit_step`/`unet_step` do (the coefficients of the config's samplers from
+`runtime.samplers`, Euler by default). Variants: eager fp16 and bf16; bf16 captured in a CUDA
 graph; FP8 linears via `torch._scaled_mm` + CUDA graph (optional, Hopper/Ada only; convs stay
 bf16); `torch.compile` + CUDA graph (last, skipped when the budget runs short). FLOP/s use the
 counts of `roofline.py` against the card's dense peak and a measured 8192^3 bf16 matmul. Per
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +41,7 @@ import torch  # noqa: E402
 
 from benchmarks import roofline  # noqa: E402
 from benchmarks.gpu_models import PROMPT_TOKENS, build, cast, fp8_linears  # noqa: E402
-from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps  # noqa: E402
+from runtime.samplers import decoder_plan, flow_plan  # noqa: E402
 from training.config import from_preset  # noqa: E402
 
 GRAPHS = ("prefill", "dit_step", "unet_step", "vae_decoder")
@@ -266,34 +268,34 @@ def image_loop(check: Check, cfg, comps: dict, fns: dict, paths: dict, steps: in
     dev, dtype, dec = check.dev, check.dtype, cfg.decoder
     _, dit, unet, vae = (comps[k][1] for k in GRAPHS)
     run = {k: fns[k][paths[k]] for k in GRAPHS}
-    sig = flow_sigmas(steps)
-    dit_sig = torch.tensor(sig, dtype=dtype, device=dev)
-    dit_t = torch.tensor(flow_timesteps(sig), device=dev)
-    sched = euler_discrete_schedule(
-        dsteps, num_train_timesteps=dec.num_train_timesteps, beta_start=dec.beta_start,
-        beta_end=dec.beta_end, beta_schedule=dec.beta_schedule,
-        timestep_spacing=dec.timestep_spacing, steps_offset=dec.steps_offset,
-    )  # fmt: skip
-    u_sig = torch.tensor(sched.sigmas, dtype=dtype, device=dev)
-    u_t = torch.tensor(sched.timesteps, dtype=torch.float32, device=dev)
+    flow = flow_plan(cfg.sampler.sampler, steps)  # the runtime's per-call scalars
+    plan = decoder_plan(cfg.sampler.decoder_sampler, dsteps, dataclasses.asdict(dec))
+
+    def column(calls, field, dt=dtype):
+        return torch.tensor([getattr(c, field) for c in calls], dtype=dt, device=dev)
+
+    dit_t = column(flow.calls, "timestep", torch.long)
+    dit_c = {k: column(flow.calls, k) for k in ("c_velocity", "c_prev")}
+    u_t = column(plan.calls, "timestep", torch.float32)
+    u_c = {k: column(plan.calls, k) for k in ("in_scale", "c_sample", "c_eps", "c_prev")}
     noise, lat_noise = torch.randn_like(dit["x"]), torch.randn_like(unet["latents"])
     n_query = dit["cond"].shape[1]
 
     def one_image():
         dit["cond"].copy_(run["prefill"]()[:, -n_query:])  # (1, 64, H)
         dit["x"].copy_(noise)
-        for i in range(steps):
+        for i in range(len(flow.calls)):
             dit["t"].copy_(dit_t[i : i + 1])
-            dit["sigma"].copy_(dit_sig[i : i + 1])
-            dit["sigma_next"].copy_(dit_sig[i + 1 : i + 2])
+            for k, col in dit_c.items():
+                dit[k].copy_(col[i : i + 1])
             dit["x"].copy_(run["dit_step"]())
         unet["feats"][:1].copy_(dit["x"].flatten(2).transpose(1, 2))  # (1, 64, C)
         unet["text"].copy_(unet["feats"].mean(dim=1))
-        unet["latents"].copy_(lat_noise * sched.init_noise_sigma)
-        for i in range(dsteps):
+        unet["latents"].copy_(lat_noise * plan.init_noise_sigma)
+        for i in range(len(plan.calls)):
             unet["t"].copy_(u_t[i : i + 1])
-            unet["sigma"].copy_(u_sig[i : i + 1])
-            unet["sigma_next"].copy_(u_sig[i + 1 : i + 2])
+            for k, col in u_c.items():
+                unet[k].copy_(col[i : i + 1])
             unet["latents"].copy_(run["unet_step"]())
         vae["latents"].copy_(unet["latents"])
         return run["vae_decoder"]()

@@ -9,7 +9,8 @@ feed-forward, `text_time` added embedding) and `AutoencoderKL`'s decoder (+ `pos
 built from our `DecoderConfig`. The tests check that both have exactly diffusers' parameter count
 and FLOPs (`roofline.py`) at the tiny preset. They are for timing, not for images.
 
-The step functions do what the exported `dit_step` / `unet_step` graphs do: CFG batch, model,
+The step functions do what the exported `dit_step` / `unet_step` graphs do (their update fed a
+`runtime.samplers` plan's coefficients): CFG batch, model,
 guidance and the Euler update. `fp8_linears` swaps a module's `nn.Linear`s for FP8 matmuls
 (`torch._scaled_mm`, e4m3, per-tensor scales: static for the weight, dynamic for the input)
 where the shapes fit.
@@ -296,17 +297,20 @@ def fp8_linears(module: nn.Module) -> int:
 
 
 # the four generation graphs at true shapes ------------------------------------------------------
-def dit_step(m, x, t, sigma, sigma_next, cond, guidance):
-    """CFG batch [zeros, cond] + velocity + guidance + flow Euler step: x (1, C, 8, 8)."""
+def dit_step(m, x, prev, t, c_velocity, c_prev, cond, guidance):
+    """CFG batch [zeros, cond] + velocity + guidance + the samplers' linear update
+    (`runtime.samplers`, as the exported `dit_step`): x (1, C, 8, 8); returns the next x."""
     v_u, v_c = m(torch.cat([x, x]), t.expand(2), torch.cat([torch.zeros_like(cond), cond])).chunk(2)
-    return x + (sigma_next - sigma) * (v_u + guidance * (v_c - v_u))
+    return x + c_velocity * (v_u + guidance * (v_c - v_u)) + c_prev * prev
 
 
-def unet_step(m, latents, t, sigma, sigma_next, feats, text, time_ids, guidance):
-    """Scale + CFG batch [cond, neg] + epsilon + guidance + Euler step: latents (1, 4, l, l)."""
-    x = torch.cat([latents, latents]) / (sigma**2 + 1).sqrt()
+def unet_step(m, latents, prev, t, in_scale, c_sample, c_eps, c_prev, feats, text, time_ids,
+              guidance):  # fmt: skip
+    """Scale + CFG batch [cond, neg] + epsilon + guidance + the samplers' linear update
+    (`runtime.samplers`, as the exported `unet_step`): latents (1, 4, l, l)."""
+    x = torch.cat([latents, latents]) * in_scale
     e_c, e_n = m(x, t.expand(2), feats, text, time_ids).chunk(2)
-    return latents + (sigma_next - sigma) * (e_n + guidance * (e_c - e_n))
+    return c_sample * latents + c_eps * (e_n + guidance * (e_c - e_n)) + c_prev * prev
 
 
 def prefill(m, embeds, positions):
@@ -341,13 +345,15 @@ def build(cfg, dev, dtype) -> dict:
             positions=pos), prefill, roofline.prefill_cost(b, PROMPT_TOKENS, lm_head_tokens=0), 1,
         ),
         "dit_step": (
-            NextDiTCrossAttn(d), dict(x=f(1, c, s, s), t=torch.tensor([1000]), sigma=one(1.0),
-            sigma_next=one(0.967), cond=f(1, b.n_query, b.hidden_size), guidance=one(3.0)),
+            NextDiTCrossAttn(d), dict(x=f(1, c, s, s), prev=f(1, c, s, s), t=torch.tensor([1000]),
+            c_velocity=one(-0.033), c_prev=one(0.0), cond=f(1, b.n_query, b.hidden_size),
+            guidance=one(3.0)),
             dit_step, roofline.dit_cost(d, 2), cfg.sampler.steps,
         ),
         "unet_step": (
-            UNetStandIn(dec), dict(latents=f(1, 4, ls, ls), t=torch.tensor([999.0]),
-            sigma=one(14.6), sigma_next=one(12.0), feats=f(2, b.n_query, c), text=f(2, c),
+            UNetStandIn(dec), dict(latents=f(1, 4, ls, ls), prev=f(1, 4, ls, ls),
+            t=torch.tensor([999.0]), in_scale=one(0.068), c_sample=one(1.0), c_eps=one(-2.6),
+            c_prev=one(0.0), feats=f(2, b.n_query, c), text=f(2, c),
             time_ids=torch.tensor([dec.time_ids] * 2, dtype=dtype), guidance=one(3.0)),
             unet_step, roofline.unet_cost(dec, 2), cfg.sampler.decoder_steps,
         ),

@@ -217,7 +217,7 @@ DECODER_NEGATIVES = ("blank_prompt", "zeros")
 # The engine folder's named sampler presets (`sampler.presets` in its manifest); "fast" is the
 # fewest model forwards whose mini-GenEval stays within 0.03 of BLIP3-o's 30 + 50 Euler steps on
 # the shipped tiny (benchmarks/frontier.py, benchmarks/results/frontier-tiny.json).
-FAST_PRESET = {"sampler": "euler", "steps": 15, "decoder_sampler": "dpmpp_2m", "decoder_steps": 20}
+FAST_PRESET = {"sampler": "lms", "steps": 15, "decoder_sampler": "dpmpp_2m", "decoder_steps": 10}
 
 
 @dataclass(frozen=True)
