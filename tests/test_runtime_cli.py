@@ -70,6 +70,9 @@ def test_generate_then_answer(tiny_engine_dir, tmp_path):
         cwd=tmp_path,
     )
     assert many.returncode == 0 and (tmp_path / "m-1.png").is_file()
+    fast = run("generate", "a", "--engines", str(tiny_engine_dir), "--out", "f.png", "--preset",
+               "fast", "--sampler", "heun", "--steps", "2", "-q", cwd=tmp_path)  # fmt: skip
+    assert fast.returncode == 0 and (tmp_path / "f.png").is_file(), fast.stderr
 
 
 def test_user_errors_exit_2_with_one_line(tiny_engine_dir, tmp_path):
@@ -78,6 +81,8 @@ def test_user_errors_exit_2_with_one_line(tiny_engine_dir, tmp_path):
         ("generate", "a", "--steps", "0", "--engines", str(tiny_engine_dir)),
         ("generate", "a", "--engines", str(tmp_path / "missing")),
         ("answer", "nope.png", "q", "--engines", str(tiny_engine_dir)),
+        ("generate", "a", "--decoder-sampler", "ddim", "--engines", str(tiny_engine_dir)),
+        ("generate", "a", "--preset", "turbo", "--engines", str(tiny_engine_dir)),
     ]
     for args in cases:
         out = run(*args, "-q", cwd=tmp_path)
