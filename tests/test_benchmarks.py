@@ -255,3 +255,18 @@ def test_quality_through_the_runtime(tiny_engine_dir, tmp_path, capsys):
     assert quality.main(["--engines", str(tiny_engine_dir), "--prompt", "a red blob"]) == 2
     assert quality.prompt_task("two red squares")[0] == "counting"
     assert quality.prompt_task("a square")[0] == "single_object"
+
+
+def test_the_shipped_fast_preset_is_the_recorded_frontier_pick():
+    """The tiny config's `fast` preset is what benchmarks/frontier.py picked (rerun it when the
+    checkpoint or the samplers change), within the issue's budget of forwards and quality."""
+    from training.config import FAST_PRESET
+
+    result = json.loads((REPO / "benchmarks/results/frontier-tiny.json").read_text())
+    assert result["fast"] == FAST_PRESET
+    (row,) = [r for r in result["rows"] if r["setting"] == FAST_PRESET]
+    base = result["rows"][0]
+    assert base["setting"] == {"sampler": "euler", "steps": 30, "decoder_sampler": "euler",
+                               "decoder_steps": 50}  # fmt: skip
+    assert row["dit_forwards"] <= 30 and row["unet_forwards"] <= 40
+    assert row["geneval"]["overall"] >= base["geneval"]["overall"] - result["tolerance"]

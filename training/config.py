@@ -214,10 +214,16 @@ class DecoderConfig:
 
 
 DECODER_NEGATIVES = ("blank_prompt", "zeros")
-# The engine folder's named sampler presets (`sampler.presets` in its manifest); "fast" is the
-# fewest model forwards whose mini-GenEval stays within 0.03 of BLIP3-o's 30 + 50 Euler steps on
-# the shipped tiny (benchmarks/frontier.py, benchmarks/results/frontier-tiny.json).
-FAST_PRESET = {"sampler": "lms", "steps": 15, "decoder_sampler": "dpmpp_2m", "decoder_steps": 10}
+# The engine folder's named sampler presets (`sampler.presets` in its manifest). tiny's "fast" is
+# what benchmarks/frontier.py picked on the shipped checkpoint: the fewest model forwards whose
+# mini-GenEval stays within 0.03 of BLIP3-o's 30 + 50 Euler steps
+# (benchmarks/results/frontier-tiny.json). 4b/8b keep 20 decoder steps of DPM-Solver++ 2M (the
+# tiny frontier's 70-forward setting, -0.003 there): their 1024-px SDXL decoder was not measured
+# at 10 steps.
+FAST_PRESET = {"sampler": "lms", "steps": 15, "decoder_sampler": "euler", "decoder_steps": 10}
+FAST_PRESET_1024 = {
+    "sampler": "lms", "steps": 15, "decoder_sampler": "dpmpp_2m", "decoder_steps": 20,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,7 @@ class SamplerConfig:
     # DiT also takes "heun", the decoder "dpmpp_2m" (diffusers' DPM-Solver++ 2M).
     sampler: str = "euler"
     decoder_sampler: str = "euler"
-    presets: dict = field(default_factory=lambda: {"fast": dict(FAST_PRESET)})
+    presets: dict = field(default_factory=lambda: {"fast": dict(FAST_PRESET_1024)})
 
     def __post_init__(self) -> None:
         if self.decoder_negative not in DECODER_NEGATIVES:
@@ -418,7 +424,8 @@ def _preset_tiny() -> ModelConfig:
             vae_norm_num_groups=16,
             vae_scaling_factor=0.13025,
         ),
-        sampler=SamplerConfig(decoder_negative="zeros"),  # the UNet's dropped condition
+        # zeros: the UNet's dropped condition; fast: the frontier's pick on this checkpoint
+        sampler=SamplerConfig(decoder_negative="zeros", presets={"fast": dict(FAST_PRESET)}),
     )
 
 
@@ -489,12 +496,13 @@ def to_dict(config) -> dict:
 
 def from_dict(data: dict) -> ModelConfig:
     """Inverse of `to_dict(ModelConfig)`; unknown keys are an error naming them. A config
-    written before `sampler.decoder_negative` existed takes its variant preset's."""
+    written before a sampler field existed (`decoder_negative`, `presets`) takes its variant
+    preset's value."""
     sampler = data.get("sampler", {})
-    if isinstance(sampler, dict) and "decoder_negative" not in sampler:
-        if data.get("variant") in PRESETS:
-            preset = PRESETS[data["variant"]]().sampler
-            data = {**data, "sampler": {**sampler, "decoder_negative": preset.decoder_negative}}
+    if isinstance(sampler, dict) and data.get("variant") in PRESETS:
+        preset = PRESETS[data["variant"]]().sampler
+        added = {k: getattr(preset, k) for k in ("decoder_negative", "presets") if k not in sampler}
+        data = {**data, "sampler": {**sampler, **added}}
 
     def build(cls, values: dict):
         names = {f.name: f for f in dataclasses.fields(cls)}
