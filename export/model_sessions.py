@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import export.torch_backend  # noqa: F401  (registers the "torch" session backend)
 from export.source import GRAPH_COMPONENT
+from export.torch_backend import to_host  # importing it registers the "torch" session backend
 from runtime.sessions import open_session
 from runtime.spec import GraphSpec, spec_to_dict
 
@@ -63,7 +63,7 @@ class ModelSession:
         return self.graphs.session(self.spec).run(feeds)
 
     def to_host(self, value):
-        return self.graphs.session(self.spec).to_host(value)
+        return to_host(value)  # needs no module: the component stays whatever is loaded
 
     def close(self) -> None:
         pass  # the component goes when another is loaded, or with `ModelGraphs.release`

@@ -141,7 +141,11 @@ def calibration_cost(
     per_prompt = {"dit": steps[0], "dit_step": steps[0], "unet": steps[1], "unet_step": steps[1]}
     feeds = sum(feed_bytes(specs[g]) * n * per_prompt.get(g, 1) for g in graphs)
     runs_unet = bool({"unet", "unet_step", "vae_decoder"} & set(graphs))
-    phases = ("text", "dit", "unet") if runs_unet else ("text", "dit")
+    phases = (
+        ["lm", "dit"]
+        + (["unet"] if runs_unet else [])
+        + (["vae"] if "vae_decoder" in graphs else [])
+    )  # export.source.CALIBRATION_PHASES, those this calibration runs
     largest = max(params.components[c] for c in phases) * BYTES["fp32"]
     unet = params.components["unet"] * BYTES["fp32"] if runs_unet else 0
     staging = largest if device == "cpu" else unet

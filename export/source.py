@@ -6,8 +6,9 @@ stage reads one component: the vision tower for `vision`, the text decoder for `
 only that component's tensors from the checkpoint (the rest of the model stays on `meta`) in the
 stage's dtype (the ONNX's: fp16/bf16 for 16-bit folders, fp32 for fp32 folders and for the fp32
 exports INT8/FP8 folders quantize), keeps it while the next stage asks for the same one (prefill
-then decode, dit then dit_step) and frees it when another is asked for. Calibration runs its
-phases (text decoder, then DiT, then UNet) one component at a time, in fp32 on the build's device.
+then decode, dit then dit_step) and frees it when another is asked for. Calibration runs the
+runtime's generation jobs stage by stage (text decoder, then DiT, then UNet, then VAE), one
+component at a time, in fp32 on the build's device.
 
 Everything that can be checked without reading a tensor is checked when the source is made, so
 a bad checkpoint stops the build before it creates its output folder: config.json, every
@@ -44,7 +45,9 @@ GRAPH_COMPONENT = {
     **{"vision": "vision", "prefill": "lm", "decode": "lm", "dit": "dit", "dit_step": "dit"},
     **{"unet": "unet", "unet_step": "unet", "vae_decoder": "vae"},
 }
-CALIBRATION_PHASES = ("text", "dit", "unet")  # what calibration runs, in order
+# what calibration loads, in order: the components of the graphs a generation job runs
+# (prefill, dit_step, unet_step, vae_decoder), stage by stage over all prompts
+CALIBRATION_PHASES = ("lm", "dit", "unet", "vae")
 TINY_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 
 

@@ -146,15 +146,19 @@ class TorchSession:
         return dict(zip(self.spec.output_names, outs))
 
     def to_host(self, value: Any) -> np.ndarray:
-        """numpy: float32 for bf16 (which numpy lacks), the tensor's own dtype otherwise."""
-        torch = _torch()
-        if not isinstance(value, torch.Tensor):
-            return np.asarray(value)
-        value = value.detach().cpu()
-        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        return to_host(value)
 
     def close(self) -> None:
         self._module = None
 
 
 register_backend("torch", TorchSession)
+
+
+def to_host(value: Any) -> np.ndarray:
+    """numpy: float32 for bf16 (which numpy lacks), the tensor's own dtype otherwise."""
+    torch = _torch()
+    if not isinstance(value, torch.Tensor):
+        return np.asarray(value)
+    value = value.detach().cpu()
+    return (value.float() if value.dtype == torch.bfloat16 else value).numpy()

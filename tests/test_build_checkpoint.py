@@ -118,8 +118,10 @@ def test_each_stage_loads_one_component_in_the_build_precision(copy, tmp_path, m
 def test_calibration_runs_phase_by_phase_on_the_builds_device(copy, tmp_path, monkeypatch):
     import export.source as source_module
     from export.dims import graph_dims
+    from export.plan import _run_stage, _start_manifest
+    from export.source import CALIBRATION_PHASES
     from export.stage_defs import StageFactory
-    from export.stages import tool_versions
+    from export.stages import EngineFolder, tool_versions
     from runtime.graphs import graph_specs
 
     asked = []
@@ -133,9 +135,17 @@ def test_calibration_runs_phase_by_phase_on_the_builds_device(copy, tmp_path, mo
     specs = graph_specs(graph_dims(source.config))
     graphs = ("dit_step", "vae_decoder")
     factory = StageFactory(request, source, "int8", specs, tool_versions(), None, None, graphs)
-    data = factory.calibration()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    engine = EngineFolder(folder, _start_manifest(folder, request, "int8", source, None, None,
+                                                  tool_versions()))  # fmt: skip
+    _run_stage(engine, factory.assets())
+    _run_stage(engine, factory.negative(engine))  # tiny: zeros, no model
+    loads.clear()
+    data = factory.calibration(engine)
     assert asked == ["cuda"]
-    assert loads == [(p, {"dtype": "fp32", "device": "cpu"}) for p in ("text", "dit", "unet")]
+    # the runtime's jobs stepped stage by stage: each component loaded once, in order
+    assert loads == [(p, {"dtype": "fp32", "device": "cpu"}) for p in CALIBRATION_PHASES]
     assert len(data["feeds"]["dit_step"]) == 2 and len(data["feeds"]["vae_decoder"]) == 1
     assert set(data["feeds"]) == set(graphs)  # only what the build quantizes
     assert len(data["held_out"]["dit_step"]) == 2 * 2
