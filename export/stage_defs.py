@@ -224,9 +224,16 @@ class StageFactory:
                 graphs.release()
         return self._calibration
 
-    def _calibration_key(self) -> dict:
+    def _calibration_key(self, engine: EngineFolder) -> dict:
+        """What the calibration feeds depend on besides the source: prompts, steps, the
+        folder's samplers and guidance, and its decoder negative (the `negative` stage's file)."""
         prompts, held = self.calibration_prompts()
-        return {"prompts": prompts, "held_out": held, "steps": self.calibration_steps()}
+        s = self.source.config.sampler
+        negative = engine.manifest["stages"].get("negative", {}).get("files")
+        samplers = {k: getattr(s, k) for k in ("sampler", "decoder_sampler", "guidance")}
+        samplers["decoder_guidance"] = s.decoder_guidance
+        return {"prompts": prompts, "held_out": held, "steps": self.calibration_steps(),
+                "samplers": samplers, "negative": negative}  # fmt: skip
 
     def quantize(self, name: str, engine: EngineFolder) -> Stage:
         from export.quantize import measure_error, quantize_graph
@@ -257,7 +264,7 @@ class StageFactory:
             "source": src["files"],
             "precision": self.precision,
             "high_precision": self.high_precision(),
-            "calibration": self._calibration_key(),
+            "calibration": self._calibration_key(engine),
             "tools": {k: self.versions[k] for k in ("nvidia-modelopt", "onnxruntime", "onnx")},
             "code": exporter_source_hash("quantize"),
         }
