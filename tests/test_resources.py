@@ -63,7 +63,7 @@ def test_quantize_and_engine_costs_and_calibration_once():
     assert cal.host_staging_bytes == 80 * 4  # on cuda only the UNet passes through the host
     on_cpu = r.calibration_cost(specs, ["dit_step"], PARAMS, prompts=4, held_out=2, steps=(3, 5),
                                 negative_steps=30, device="cpu")  # fmt: skip
-    assert on_cpu.host_staging_bytes == 400 * 4 and not on_cpu.runs_unet
+    assert on_cpu.host_staging_bytes == 300 * 4 and not on_cpu.runs_unet
     assert "4 + 2 held-out prompts x (3 DiT + 5 UNet steps)" in cal.describe()
 
 
