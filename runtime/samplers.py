@@ -99,13 +99,12 @@ class FlowPlan:
     calls: tuple[DiTStep, ...]
 
 
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                  "timestep_spacing", "steps_offset")  # fmt: skip
+
+
 def _schedule_options(decoder: dict) -> dict:
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-    return {
-        **{k: decoder[k] for k in keys},
-        "timestep_spacing": decoder["timestep_spacing"],
-        "steps_offset": decoder["steps_offset"],
-    }
+    return {k: decoder[k] for k in _SCHEDULE_KEYS}
 
 
 def decoder_plan(sampler: str, steps: int, decoder: dict) -> DecoderPlan:
