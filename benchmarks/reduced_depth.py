@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from export import resources  # noqa: E402
 from export.dims import graph_dims  # noqa: E402
-from export.onnx_export import ort_session, run_ort, torch_feeds  # noqa: E402
+from export.onnx_export import call_graph, ort_session, run_ort, torch_feeds  # noqa: E402
 from export.plan import BuildRequest, build  # noqa: E402
 from export.source import COMPONENTS, GRAPH_COMPONENT, Parts  # noqa: E402
 from export.wrappers import graph_module  # noqa: E402
@@ -86,8 +86,8 @@ def parity(cfg, ckpt: Path, folder: Path, graph: str) -> dict:
     if decoder_parts:
         decoder = load_decoder(cfg.decoder, ckpt / DECODER_DIR, parts=decoder_parts)
     with torch.no_grad():
-        ref = graph_module(graph, Parts(cfg, model, decoder, None))(**torch_feeds(spec, feeds))
-    ref = ref if isinstance(ref, tuple) else (ref,)
+        module = graph_module(graph, Parts(cfg, model, decoder, None))
+        ref = call_graph(module, spec, torch_feeds(spec, feeds))
     out = {}
     for name, want in zip(spec.output_names, ref):
         want = want.numpy()

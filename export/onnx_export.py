@@ -9,6 +9,7 @@ graph is exercised at other shapes by the parity tests.
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 from pathlib import Path
 
@@ -44,6 +45,34 @@ def dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, torch.export.Dim]]:
     return shapes
 
 
+def _forward_inputs(module: torch.nn.Module, spec: GraphSpec) -> tuple[list[str], list | None]:
+    """(the spec inputs the wrapper's forward takes by name, those its `*rest` takes or None)."""
+    params = inspect.signature(module.forward).parameters.values()
+    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return list(spec.input_names), None
+    named = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    if spec.input_names[: len(named)] != named:
+        raise ValueError(f"{spec.name}: forward takes {named} first; spec: {spec.input_names}")
+    return named, spec.input_names[len(named) :]
+
+
+def forward_args(module: torch.nn.Module, spec: GraphSpec, values: dict) -> tuple[tuple, dict]:
+    """A wrapper's forward arguments from per-input `values`, as (args, kwargs): by name, or
+    positionally when the forward takes `*rest` (the decode graph's per-layer cache), the
+    remaining inputs in spec order."""
+    named, rest = _forward_inputs(module, spec)
+    if rest is None:
+        return (), {name: values[name] for name in named}
+    return tuple(values[name] for name in named + rest), {}
+
+
+def call_graph(module: torch.nn.Module, spec: GraphSpec, feeds: dict) -> tuple:
+    """Run a wrapper on torch feeds keyed by spec input name: its outputs as a tuple."""
+    args, kwargs = forward_args(module, spec, feeds)
+    outs = module(*args, **kwargs)
+    return (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+
+
 def torch_feeds(
     spec: GraphSpec, feeds: dict[str, np.ndarray], precision: str = "fp32", device="cpu"
 ) -> dict[str, torch.Tensor]:
@@ -65,7 +94,8 @@ def export_graph(
     precision: str = "fp32",
     opset: int = OPSET,
 ) -> Path:
-    """Export `module` (forward kwargs = spec inputs) to `path` (.onnx, + .data if > 2 GB)."""
+    """Export `module` (its forward takes the spec inputs: `forward_args`) to `path` (.onnx,
+    + .data if > 2 GB)."""
     path = Path(path)
     dtype = TORCH_DTYPES.get(precision)
     if dtype is None:
@@ -77,9 +107,12 @@ def export_graph(
     with torch.no_grad():
         # torch.export first: it raises when a dim the spec calls dynamic would be specialized,
         # where torch.onnx.export would quietly fall back to a static graph.
-        exported = torch.export.export(
-            module, (), kwargs=feeds, dynamic_shapes=dynamic_shapes(spec)
-        )
+        args, kwargs = forward_args(module, spec, feeds)
+        shapes = dynamic_shapes(spec)
+        named, rest = _forward_inputs(module, spec)
+        if rest is not None:  # positional: the shapes nest like the forward's parameters
+            shapes = [*(shapes[n] for n in named), tuple(shapes[n] for n in rest)]
+        exported = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=shapes)
         program = torch.onnx.export(
             exported,
             input_names=spec.input_names,

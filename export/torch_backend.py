@@ -115,9 +115,10 @@ class TorchSession:
         self._dtype = compute_dtype(precision)
         if pipeline is None:
             pipeline = load_folder_pipeline(path, device, precision)
+        from export.onnx_export import call_graph
         from export.stage_defs import graph_module
 
-        self._module = graph_module(spec.name, pipeline).eval()
+        self._module, self._call = graph_module(spec.name, pipeline).eval(), call_graph
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         torch = _torch()
@@ -136,8 +137,7 @@ class TorchSession:
             value = value.to(self.device)
             kwargs[t.name] = value.to(self._dtype) if t.dtype == "float" else value
         with torch.no_grad():
-            outs = self._module(**kwargs)
-        outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+            outs = self._call(self._module, self.spec, kwargs)
         if len(outs) != len(self.spec.outputs):
             raise RuntimeError(
                 f"{self.spec.name}: module returned {len(outs)} outputs, spec lists "

@@ -4,7 +4,7 @@
 |---------------|--------------------------------------------------------------|---------------|
 | `vision`      | Qwen2.5-VL ViT on window-ordered patches -> merged embeds    | understanding |
 | `prefill`     | text decoder over input embeddings -> hidden, logits, KV     | both          |
-| `decode`      | token + fixed-capacity KV cache (read) -> logits, its K/V row | understanding |
+| `decode`      | token + per-layer KV cache (read) -> logits, its K/V row      | understanding |
 | `dit`         | NextDiT velocity on the CFG batch                            | generation    |
 | `dit_step`    | CFG batch + DiT + guidance + flow sampler update, fused      | generation    |
 | `unet`        | decoder UNet epsilon on the CFG batch                        | generation    |
@@ -29,6 +29,23 @@ GENERATION_GRAPHS = ("prefill", "dit_step", "unet_step", "vae_decoder")
 # graphs' weights and are built only on request (`--graphs dit unet`).
 RUNTIME_GRAPHS = ("vision", "prefill", "decode", "dit_step", "unet_step", "vae_decoder")
 UNDERSTANDING_GRAPHS = ("vision", "prefill", "decode")
+
+
+def cache_names(num_layers: int) -> list[tuple[str, str]]:
+    """The decode graph's KV cache inputs, (keys, values) per layer: `cache_keys.{i}` and
+    `cache_values.{i}`, each (B, KV, capacity, D). One input per layer, so a graph reads each
+    layer's cache where it lies (a stacked input is sliced, i.e. copied, once per layer)."""
+    return [(f"cache_keys.{i}", f"cache_values.{i}") for i in range(num_layers)]
+
+
+def cache_feeds(keys, values) -> dict:
+    """The decode graph's cache inputs from stacked (L, B, KV, C, D) keys and values arrays:
+    one view per layer and side (numpy: no copy)."""
+    return {
+        name: side[i]
+        for i, pair in enumerate(cache_names(len(keys)))
+        for name, side in zip(pair, (keys, values))
+    }
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
     capacity = Dim("capacity", 2, min(d.max_seq, 2 * d.opt_prompt), d.max_seq)
     text_batch = Dim("text_batch", 1, 1, d.max_images)
     kv = (d.num_layers, "text_batch", d.num_kv_heads)
+    layer_kv = kv[1:]  # one layer's (B, KV)
     c, s = d.feature_width, d.feature_side
     lc, ls = d.latent_channels, d.latent_size
     one = (1,)
@@ -110,9 +128,12 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
             inputs=(
                 TensorSpec("inputs_embeds", F, ("text_batch", 1, d.hidden)),
                 TensorSpec("position_ids", "int64", (3, "text_batch", 1), low=0, high=d.max_seq),
-                TensorSpec("cache_keys", F, (*kv, "capacity", d.head_dim)),
-                TensorSpec("cache_values", F, (*kv, "capacity", d.head_dim)),
                 TensorSpec("cache_position", "int64", one, low=1, high="capacity"),
+                *(
+                    TensorSpec(name, F, (*layer_kv, "capacity", d.head_dim))
+                    for pair in cache_names(d.num_layers)
+                    for name in pair
+                ),
             ),
             outputs=(
                 TensorSpec("logits", F, ("text_batch", d.vocab_size)),

@@ -163,7 +163,7 @@ PRESETS = Check(
     _preset_ok,
 )
 
-SCHEMA_V2 = {
+SCHEMA = {
     "format": _int(1),
     "variant": _str(re.compile(r"^[A-Za-z0-9_.-]+$"), "a variant name (letters, digits, ._-)"),
     "precision": _one_of(*PRECISIONS),
@@ -225,9 +225,10 @@ SCHEMA_V2 = {
 }
 
 # Format -> (schema, the first runtime version that reads it). Format 2: the step graphs take
-# their sampler's coefficients (`runtime.samplers`) and the sampler section names the samplers;
-# a format-1 folder is rebuilt.
-SCHEMAS = {2: (SCHEMA_V2, "0.2.0")}
+# their sampler's coefficients (`runtime.samplers`) and the sampler section names the samplers.
+# Format 3 (same fields): the decode graph takes its KV cache per layer (`cache_keys.{i}`,
+# `cache_values.{i}`); a folder of an older format is rebuilt.
+SCHEMAS = {3: (SCHEMA, "0.3.0")}
 FORMAT_VERSION = max(SCHEMAS)
 
 
@@ -274,7 +275,7 @@ def file_fields(manifest: dict):
 
 
 def validate(manifest: dict, folder: Path) -> None:
-    """The whole check of a format-1 manifest (the caller has checked the format number)."""
+    """The whole check of a manifest (the caller has checked the format number)."""
     schema, _ = SCHEMAS[manifest["format"]]
     check(schema, manifest)
     for name, graph in manifest["graphs"].items():

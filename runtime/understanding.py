@@ -12,7 +12,8 @@ generator per job).
 
 KV cache: each job owns one preallocated cache of `(L, 1, KV, capacity, D)` keys and values,
 sized once for its prompt and `max_new_tokens` (at most the decode graph's capacity). Prefill's
-keys/values are written into its first rows; each decode step reads the cache in place and
+keys/values are written into its first rows; each decode step reads the cache in place (one
+`cache_keys.{i}` / `cache_values.{i}` input per layer, views of the job's buffers) and
 returns only the new token's row, which the job writes at the next position: a token costs
 O(1) copies, whatever the context length. The cache lives where the backend's sessions read it
 (`session.kv_cache`: device buffers bound by address on TensorRT; host arrays otherwise).
@@ -31,6 +32,7 @@ from PIL import Image
 
 from runtime import checks
 from runtime.errors import UserError, UserTypeError
+from runtime.graphs import cache_feeds
 from runtime.image_preprocess import MAX_ASPECT_RATIO, preprocess_image
 from runtime.manifest import graph_spec
 from runtime.mrope import decode_position_ids, rope_index
@@ -164,6 +166,10 @@ class HostKVCache:
         self.keys[..., start : start + keys.shape[3], :] = keys
         self.values[..., start : start + values.shape[3], :] = values
 
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The decode graph's per-layer cache inputs: views of this cache, no copy."""
+        return cache_feeds(self.keys, self.values)
+
     def close(self) -> None:
         self.keys = self.values = None
 
@@ -270,12 +276,12 @@ class TokenJob:
         )
         self._logits = prefill.to_host(out["logits"])[0]  # (vocab,)
         spec = graph_spec(gen.manifest, "decode")
-        keys = spec.tensor("cache_keys")  # (L, B, KV, capacity, D)
+        _, kv, _, dim = spec.tensor("cache_keys.0").shape  # (B, KV, capacity, D) per layer
         most = spec.dim("capacity").max
         capacity = min(most, max(len(ids) + self.params.max_new_tokens - 1, 2))
         if len(ids) < capacity:  # room for at least one decode step
             decode = gen.session("decode")
-            shape = (keys.shape[0], 1, keys.shape[2], capacity, keys.shape[4])
+            shape = (b["num_layers"], 1, kv, capacity, dim)
             make = getattr(decode, "kv_cache", None)
             self._cache = (
                 make(shape, gen.io_dtype)
@@ -293,9 +299,8 @@ class TokenJob:
             {
                 "inputs_embeds": gen.embed(np.array([token]))[None].astype(gen.io_dtype),
                 "position_ids": decode_position_ids(self._position, self._deltas, 1),
-                "cache_keys": cache.keys,
-                "cache_values": cache.values,
                 "cache_position": np.array([self._position], np.int64),
+                **cache.feeds(),  # each layer's cache where it lies
             }
         )
         self._logits = decode.to_host(out["logits"])[0]  # (vocab,)

@@ -48,7 +48,7 @@ def folder(tmp_path, precision="fp32", backend="onnxruntime", trt=None, sm=None,
             tag = f"trt{trt}.sm{sm.replace('.', '')}"
             graphs[name]["engine"] = {"file": f"{name}.{precision}.{tag}.plan"}
     data = {
-        "format": 2,
+        "format": 3,
         "variant": "tiny",
         "precision": precision,
         "backend": backend,

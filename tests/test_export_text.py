@@ -29,7 +29,7 @@ from export.onnx_export import (
     trace_sizes,
 )
 from export.wrappers.text import DecodeGraph, PrefillGraph
-from runtime.graphs import graph_specs
+from runtime.graphs import cache_feeds, cache_names, graph_specs
 from runtime.mrope import rope_index
 from runtime.spec import check_feeds
 from training.config import from_preset
@@ -156,9 +156,8 @@ def test_greedy_decode_matches_full_forward(text, batch, seq, capacity):
         feeds = {
             "inputs_embeds": table[tokens[-1]][:, None],  # (B, 1, H)
             "position_ids": text_positions(batch, seq + step, 1),  # (3, B, 1)
-            "cache_keys": keys,
-            "cache_values": values,
             "cache_position": np.array([seq + step], np.int64),
+            **cache_feeds(keys, values),
         }
         out = run(specs, sessions, "decode", feeds)
         assert out["new_keys"].shape == (*keys.shape[:3], 1, keys.shape[4])  # not the past's
@@ -180,22 +179,22 @@ def test_decode_reads_only_the_rows_before_cache_position(text):
     before it does not (so the mask is neither missing nor off by one)."""
     model, specs, sessions, _ = text
     rng = np.random.default_rng(3)
-    l, _, kv, _, d = specs["decode"].tensor("cache_keys").shape  # (L, B, KV, C, D)
-    keys = rng.standard_normal((l, 1, kv, 12, d)).astype(np.float32)
+    _, kv, _, d = specs["decode"].tensor("cache_keys.0").shape  # (B, KV, C, D) per layer
+    keys = rng.standard_normal((model.config.backbone.num_layers, 1, kv, 12, d))
+    keys = keys.astype(np.float32)  # (L, B, KV, C, D)
     values = rng.standard_normal(keys.shape).astype(np.float32)
     feeds = {
         "inputs_embeds": embeds_of(model, 1, 1, seed=4),
         "position_ids": text_positions(1, 6, 1),
-        "cache_keys": keys,
-        "cache_values": values,
         "cache_position": np.array([6], np.int64),
+        **cache_feeds(keys, values),
     }
     base = run(specs, sessions, "decode", feeds)["logits"]
     for row, changes in ((6, False), (11, False), (5, True)):
         k, v = keys.copy(), values.copy()
         k[..., row, :] += 3.0
         v[..., row, :] -= 3.0
-        got = run(specs, sessions, "decode", {**feeds, "cache_keys": k, "cache_values": v})
+        got = run(specs, sessions, "decode", {**feeds, **cache_feeds(k, v)})
         assert (max_err(got["logits"], base) > ATOL) == changes, f"row {row}"
 
 
@@ -252,9 +251,8 @@ def test_mrope_positions_honoured(text, batch, kind):
     feeds = {
         "inputs_embeds": token,
         "position_ids": step,
-        "cache_keys": cache_keys,
-        "cache_values": cache_values,
         "cache_position": np.array([seq], np.int64),
+        **cache_feeds(cache_keys, cache_values),
     }
     out = run(specs, sessions, "decode", feeds)
     _, ref_logits, ref_keys, _ = reference(model, token, step, (keys, values))
@@ -282,3 +280,24 @@ def test_fp16_prefill_runs_in_ort_cpu(text):
     assert cosine(got["hidden_states"], hidden) > FP16_COSINE
     assert cosine(got["logits"], logits[:, -1]) > FP16_COSINE
     assert cosine(got["present_keys"], keys) > FP16_COSINE
+
+
+def test_decode_reads_each_layer_cache_where_it_lies(text, tmp_path):
+    """In ONNX Runtime's optimized decode graph every cache input feeds attention's matmuls
+    directly: nothing splits, slices, gathers, concatenates or transposes (i.e. copies) it per
+    token. A stacked (L, ...) cache input was split into layers, a copy of the whole cache."""
+    import onnx
+    import onnxruntime as ort
+
+    _, specs, _, out = text
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "decode.optimized.onnx")
+    ort.InferenceSession(str(out / "decode.onnx"), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(tmp_path / "decode.optimized.onnx").graph
+    layers = len(text[0].qwen.model.language_model.layers)
+    for name in [n for pair in cache_names(layers) for n in pair]:
+        assert name in specs["decode"].input_names
+        readers = [node.op_type for node in graph.node if name in node.input]
+        assert {"MatMul", "FusedMatMul"} & set(readers), (name, readers)
+        assert set(readers) <= {"MatMul", "FusedMatMul", "Shape"}, (name, readers)  # no copy

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from export.dims import graph_dims
-from export.onnx_export import ort_session, run_ort, torch_feeds
+from export.onnx_export import call_graph, ort_session, run_ort, torch_feeds
 from export.plan import BuildRequest, build
 from export.wrappers import graph_module
 from runtime.graphs import RUNTIME_GRAPHS, graph_specs
@@ -81,10 +81,8 @@ def _compare(cfg, ckpt, folder, graph, parts, sizes):
     got = run_ort(ort_session(folder / f"{graph}.fp32.onnx"), feeds)
     model = load_model(ckpt, config=cfg, parts=parts)
     with torch.no_grad():
-        ref = graph_module(graph, type("Parts", (), {"model": model, "decoder": None}))(
-            **torch_feeds(spec, feeds)
-        )
-    ref = ref if isinstance(ref, tuple) else (ref,)
+        module = graph_module(graph, type("Parts", (), {"model": model, "decoder": None}))
+        ref = call_graph(module, spec, torch_feeds(spec, feeds))
     errors = {}
     for name, want in zip(spec.output_names, ref):
         want = want.numpy()

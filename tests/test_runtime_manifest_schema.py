@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.manifest import EngineFolderError, load_manifest, read_manifest
-from runtime.manifest_schema import SCHEMA_V2
+from runtime.manifest_schema import SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def mutated(manifest, path, value):
 
 def test_the_built_manifest_reads(tiny_engine_dir):
     m = read_manifest(tiny_engine_dir)
-    assert m["format"] == 2 and m["min_runtime"] == "0.2.0"
+    assert m["format"] == 3 and m["min_runtime"] == "0.3.0"
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ JSON = st.recursive(
     edits=st.lists(
         st.tuples(
             st.sampled_from(
-                sorted(set(_leaves(SCHEMA_V2)))
+                sorted(set(_leaves(SCHEMA)))
                 + ["graphs.prefill.file", "graphs.vision.spec", "graphs.decode.external_data"]
             ),
             JSON | st.just(KeyError),

@@ -8,6 +8,7 @@ import pytest
 
 from runtime.errors import UserError
 from runtime.generator import Generator
+from runtime.graphs import cache_feeds
 from runtime.understanding import AnswerParams, sample_token
 from tests.simulated_device import picture
 
@@ -143,7 +144,8 @@ def test_decode_outputs_do_not_grow_with_the_cache(gen):
     """The decode graph returns one K/V row at any cache capacity (outputs O(1) in the past)."""
     decode = gen.session("decode")
     spec = decode.spec
-    l, _, kv, _, d = spec.tensor("cache_keys").shape
+    l = gen.config["backbone"]["num_layers"]
+    _, kv, _, d = spec.tensor("cache_keys.0").shape  # (B, KV, C, D) per layer
     h = gen.embeddings.shape[1]
     shapes = set()
     for capacity in (4, 300):
@@ -152,9 +154,8 @@ def test_decode_outputs_do_not_grow_with_the_cache(gen):
             {
                 "inputs_embeds": np.zeros((1, 1, h), np.float32),
                 "position_ids": np.full((3, 1, 1), 2, np.int64),
-                "cache_keys": cache,
-                "cache_values": cache,
                 "cache_position": np.array([2], np.int64),
+                **cache_feeds(cache, cache),
             }
         )
         shapes.add((out["new_keys"].shape, out["new_values"].shape, out["logits"].shape))

@@ -229,12 +229,12 @@ def tiny_folder(tmp_path_factory):
     from export.plan import BuildRequest, build
 
     out = tmp_path_factory.mktemp("tiny-fp32")
-    graphs = ("dit_step", "vae_decoder")
+    graphs = ("dit_step", "vae_decoder", "decode")
     return build(BuildRequest(variant="tiny", out=out, graphs=graphs, progress=False))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("graph", ["dit_step", "vae_decoder"])
+@pytest.mark.parametrize("graph", ["dit_step", "vae_decoder", "decode"])
 def test_torch_session_matches_onnxruntime(tiny_folder, graph):
     from export.torch_backend import TorchSession
     from runtime.manifest import graph_spec, load_manifest
@@ -246,7 +246,8 @@ def test_torch_session_matches_onnxruntime(tiny_folder, graph):
     ort = OrtSession(spec, tiny_folder / manifest["graphs"][graph]["file"])
     ref = TorchSession(spec, tiny_folder)
     for batch in (1, 2):
-        feeds = sample_inputs(spec, {"batch": batch}, seed=batch)
+        sizes = {"text_batch": batch, "capacity": 7} if graph == "decode" else {"batch": batch}
+        feeds = sample_inputs(spec, sizes, seed=batch)  # decode: its per-layer cache inputs
         want, got = ort.run(feeds), ref.run(feeds)
         assert list(got) == spec.output_names
         for name in spec.output_names:

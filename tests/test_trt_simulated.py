@@ -169,11 +169,21 @@ def test_device_kv_cache_writes_rows_in_place(device):
     kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
     rt.cudaMemcpyAsync(host.ctypes.data, cache.keys.ptr, host.nbytes, kind, shared.stream)
     np.testing.assert_array_equal(host, want)
+    feeds = cache.feeds()  # the decode engine's per-layer inputs: views into the two buffers
+    assert list(feeds) == ["cache_keys.0", "cache_values.0", "cache_keys.1", "cache_values.1"]
+    for i, sign in ((0, 1), (1, 1), (0, -1), (1, -1)):
+        view = feeds[f"cache_{'keys' if sign > 0 else 'values'}.{i}"]
+        assert view.shape == (1, 3, 6, 4) and view.owner is not None
+        layer = np.empty(view.shape, np.float32)
+        rt.cudaMemcpyAsync(layer.ctypes.data, view.ptr, layer.nbytes, kind, shared.stream)
+        expect = want[i].copy()
+        expect[..., 2:3, :] *= sign  # the values' row was written negated
+        np.testing.assert_array_equal(layer, expect)
     with pytest.raises(ValueError, match="cannot write"):
         cache.write(6, row, row)  # past the capacity
     live = device.live()
     cache.close()
-    del cache
+    del cache, feeds, view  # the layer views keep the buffers alive too
     import gc
 
     gc.collect()

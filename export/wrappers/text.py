@@ -1,8 +1,9 @@
 """Wrappers of the text-decoder graphs: `prefill` and `decode` (Qwen2.5-VL's language model).
 
-The KV cache crosses the graph boundary as two plain stacked tensors, `(L, B, KV, T, D)` keys and
-values, so a runtime can keep it in one buffer per side; inside `forward` it is rebuilt as the
-transformers `DynamicCache` the model expects (in transformers 5.x the kwarg is `cache=`). Token
+Prefill returns the prompt's KV cache as two stacked tensors, `(L, B, KV, S, D)` keys and
+values (inside `forward` transformers fills a `DynamicCache`; in transformers 5.x the kwarg is
+`cache=`), which the runtime writes into its preallocated cache once. Decode reads that cache
+in place, one `(B, KV, C, D)` input per layer and side, and returns only the new row. Token
 embedding lookup and M-RoPE position ids stay on the host: both graphs take `inputs_embeds` and
 `(3, B, S)` position ids, whose three rows (temporal, height, width) all reach the rotary embedding.
 
@@ -90,18 +91,19 @@ class PrefillGraph(nn.Module):
 class DecodeGraph(nn.Module):
     """One decoding step against a fixed-capacity KV cache the runtime owns and grows in place.
 
-    forward(inputs_embeds (B, 1, H), position_ids (3, B, 1) int64,
-    cache_keys / cache_values (L, B, KV, C, D), cache_position (1,) int64) ->
+    forward(inputs_embeds (B, 1, H), position_ids (3, B, 1) int64, cache_position (1,) int64,
+    *cache: cache_keys.0, cache_values.0, cache_keys.1, ... (B, KV, C, D) each) ->
     logits (B, vocab), new_keys / new_values (L, B, KV, 1, D).
 
     The cache holds `cache_position` = P valid rows (0..P-1; rows P..C-1 are ignored, whatever
     they hold); the new token is row P, which the runtime writes into its cache from
-    `new_keys` / `new_values` after the step. The cache is only read: attention scores the
-    query against the cache rows (masked past P) and against the new key separately, and one
-    softmax covers both, so no K/V tensor is concatenated or copied and the outputs are
-    independent of the past's length. This is transformers' Qwen2.5-VL decoder layer (RMSNorm,
-    q/k/v with bias, M-RoPE, grouped-query attention, o_proj, SwiGLU MLP) written out around
-    that attention; `tests/test_export_text.py` checks it against transformers' own forward.
+    `new_keys` / `new_values` after the step. The cache is only read, one input per layer
+    (`runtime.graphs.cache_names`), so no K/V tensor is sliced, concatenated or copied and the
+    outputs are independent of the past's length: attention scores the query against the cache
+    rows (masked past P) and against the new key separately, and one softmax covers both. This
+    is transformers' Qwen2.5-VL decoder layer (RMSNorm, q/k/v with bias, M-RoPE, grouped-query
+    attention, o_proj, SwiGLU MLP) written out around that attention;
+    `tests/test_export_text.py` checks it against transformers' own forward.
     """
 
     def __init__(self, qwen) -> None:
@@ -109,28 +111,31 @@ class DecodeGraph(nn.Module):
         self.language_model = _sdpa_language_model(qwen)
         self.lm_head = qwen.lm_head
 
-    def forward(self, inputs_embeds, position_ids, cache_keys, cache_values, cache_position):
+    def forward(self, inputs_embeds, position_ids, cache_position, *cache):
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
         lm, h = self.language_model, inputs_embeds  # (B, 1, H)
-        _, batch, kv, capacity, dim = cache_keys.shape
+        if len(cache) != 2 * len(lm.layers):
+            raise ValueError(f"{len(lm.layers)} layers take {2 * len(lm.layers)} cache inputs")
+        batch, kv, capacity, dim = cache[0].shape
         cos, sin = lm.rotary_emb(h, position_ids)  # (B, 1, D) each
         rows = torch.arange(capacity, device=h.device)  # (C,)
         past_mask = torch.where(rows < cache_position, 0.0, float("-inf"))  # (C,) 0 | -inf
         new_keys, new_values = [], []
         for i, layer in enumerate(lm.layers):
             attn, residual = layer.self_attn, h
+            cache_keys, cache_values = cache[2 * i], cache[2 * i + 1]  # (B, KV, C, D)
             x = layer.input_layernorm(h)  # (B, 1, H)
             q = attn.q_proj(x).view(batch, 1, -1, dim).transpose(1, 2)  # (B, NH, 1, D)
             k = attn.k_proj(x).view(batch, 1, kv, dim).transpose(1, 2)  # (B, KV, 1, D)
             v = attn.v_proj(x).view(batch, 1, kv, dim).transpose(1, 2)  # (B, KV, 1, D)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             q = q.reshape(batch, kv, -1, dim)  # (B, KV, G, D): head j reads kv head j // G
-            past = q @ cache_keys[i].transpose(-1, -2) * attn.scaling  # (B, KV, G, C)
+            past = q @ cache_keys.transpose(-1, -2) * attn.scaling  # (B, KV, G, C)
             own = (q * k).sum(-1, keepdim=True) * attn.scaling  # (B, KV, G, 1)
             scores = torch.cat([past.float() + past_mask, own.float()], -1)  # (B, KV, G, C+1)
             probs = scores.softmax(-1).to(q.dtype)
-            out = probs[..., :capacity] @ cache_values[i] + probs[..., capacity:] * v  # (B,KV,G,D)
+            out = probs[..., :capacity] @ cache_values + probs[..., capacity:] * v  # (B,KV,G,D)
             h = residual + attn.o_proj(out.reshape(batch, 1, -1))  # (B, 1, H)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             new_keys.append(k)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.graphs import cache_names
 from runtime.manifest import MANIFEST, EngineFolderError, rebuild_hint
 from runtime.spec import GraphSpec, check_feeds, io_dtype, numpy_dtype, profile_sizes, resolve_shape
 
@@ -247,7 +248,8 @@ class SharedDevice:
 
 class DeviceKVCache:
     """A token job's KV cache in device memory: (L, B, KV, C, D) keys and values it owns, fed to
-    the decode engine by address, rows written in place with one strided copy per side."""
+    the decode engine by address (one input per layer), rows written in place with one strided
+    copy per side."""
 
     def __init__(self, rt, stream, shape: tuple[int, ...], dtype) -> None:
         self._rt, self._stream, dtype = rt, stream, np.dtype(dtype)
@@ -287,6 +289,24 @@ class DeviceKVCache:
             )
             if not isinstance(src, DeviceArray):
                 _ok(rt.cudaStreamSynchronize(self._stream))  # the host array may go away
+
+    def feeds(self) -> dict[str, DeviceArray]:
+        """The decode engine's per-layer cache inputs: (B, KV, C, D) views into this cache's
+        buffers (layer i at offset i * layer bytes), bound by address, never copied."""
+        layers = []
+        for side in (self.keys, self.values):
+            step, shape = side.nbytes // side.shape[0], side.shape[1:]
+            layers.append(
+                [
+                    DeviceArray(side.ptr + i * step, shape, side.dtype, side.stream, side.owner)
+                    for i in range(side.shape[0])
+                ]
+            )
+        return {
+            name: layer[i]
+            for i, pair in enumerate(cache_names(self.keys.shape[0]))
+            for name, layer in zip(pair, layers)
+        }
 
     def close(self) -> None:
         self.keys = self.values = None
