@@ -63,10 +63,10 @@ def png(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
 
 
-def fire(url: str, seeds: list[int], results: dict) -> list[threading.Thread]:
+def fire(url: str, seeds: list[int], results: dict, body: dict = BODY) -> list[threading.Thread]:
     def one(seed):
         try:
-            r = httpx.post(f"{url}/v1/images/generations", json={**BODY, "seed": seed}, timeout=300)
+            r = httpx.post(f"{url}/v1/images/generations", json={**body, "seed": seed}, timeout=300)
             results[seed] = (r.status_code, r.headers.get("x-replica"), r.json())
         except Exception as err:  # a lost request: recorded, the test fails on it
             results[seed] = (None, None, repr(err))
@@ -89,10 +89,13 @@ def test_requests_spread_over_two_replicas(cluster_url):
 def test_a_killed_replica_loses_no_request(cluster_url, tiny_engine_dir):
     from runtime.generator import Generator
 
+    body = {**BODY, "num_inference_steps": 8, "decoder_num_inference_steps": 20}
     results: dict = {}
-    seeds = list(range(100, 112))
-    threads = fire(cluster_url, seeds, results)
-    time.sleep(2.0)
+    seeds = list(range(100, 140))
+    threads = fire(cluster_url, seeds, results, body)
+    deadline = time.monotonic() + 120
+    while len(results) < 4 and time.monotonic() < deadline:  # the load is under way
+        time.sleep(0.05)
     names = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
@@ -100,13 +103,14 @@ def test_a_killed_replica_loses_no_request(cluster_url, tiny_engine_dir):
     ]
     assert len(names) >= 2, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    killed_while_busy = any(not t.is_alive() for t in threads) is False or len(results) < 12
+    answered_before_kill = len(results)
     for t in threads:
         t.join()
-    assert killed_while_busy
+    assert 4 <= answered_before_kill < len(seeds)  # the replica died mid-load
     lost = {s: r for s, r in results.items() if r[0] != 200}
     assert not lost, lost
+    assert len(results) == len(seeds)
     with Generator.from_dir(tiny_engine_dir) as gen:
-        for seed in seeds[:3]:
-            ref = gen.generate("a red circle", seed=seed, steps=2, decoder_steps=12)[0]
+        for seed in seeds[-3:]:  # answered after the kill: retried or on the survivor
+            ref = gen.generate("a red circle", seed=seed, steps=8, decoder_steps=20)[0]
             assert np.array_equal(png(results[seed][2]["data"][0]["b64_json"]), np.asarray(ref))

@@ -321,14 +321,13 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
             raise
         finally:
             if status != "stream":
-                state.metrics.requests.labels("images", status).inc()
-                state.metrics.request_seconds.labels("images").observe(time.perf_counter() - start)
+                state.metrics.record("images", status, start)
 
     async def stream_images(request, task, queue, fields, tokens, start):
         # hold the headers until the prefill passed, so a bad prompt is still a plain 400
         first = await next_event(request, queue, task)
         if first[0] == "done" and task.status != "succeeded":
-            state.metrics.requests.labels("images", "400").inc()
+            state.metrics.record("images", "400", start)
             raise protocol.api_error(task.error)
 
         async def events():
@@ -373,8 +372,7 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
                 status = "cancelled"
                 raise
             finally:
-                state.metrics.requests.labels("images_stream", status).inc()
-                state.metrics.request_seconds.labels("images").observe(time.perf_counter() - start)
+                state.metrics.record("images_stream", status, start)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -526,8 +524,7 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
             raise
         finally:
             if status != "stream":
-                state.metrics.requests.labels("chat", status).inc()
-                state.metrics.request_seconds.labels("chat").observe(time.perf_counter() - start)
+                state.metrics.record("chat", status, start)
 
     async def stream_chat(request, task, queue, fields, created, cid, start):
         ids = {"model": state.model, "created": created, "completion_id": cid}
@@ -557,7 +554,6 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
             status = "cancelled"
             raise
         finally:
-            state.metrics.requests.labels("chat_stream", status).inc()
-            state.metrics.request_seconds.labels("chat").observe(time.perf_counter() - start)
+            state.metrics.record("chat_stream", status, start)
 
     return app

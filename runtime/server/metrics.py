@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -43,3 +45,11 @@ class Metrics:
         self.rejections = Counter(
             "blip3o_rejections", "requests shed (queue full, not ready)", ["reason"], registry=r
         )
+
+    def record(self, endpoint: str, status: str, started: float) -> None:
+        """One answered request: its count under `endpoint` ("images", "images_stream", "chat",
+        "chat_stream") and `status`, its latency since `started` (perf_counter) under the
+        endpoint's family (the stream's too)."""
+        self.requests.labels(endpoint, status).inc()
+        family = endpoint.removesuffix("_stream")
+        self.request_seconds.labels(family).observe(time.perf_counter() - started)

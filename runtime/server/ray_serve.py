@@ -19,8 +19,10 @@ The job API's state lives in the replica that accepted the job: under Ray with s
 a status poll may reach another replica (404); use the synchronous endpoints there.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the Front's `request: Request`
+# annotation at route definition, and `Request` is imported inside `build` (the extra is
+# optional), so a string annotation would not resolve and FastAPI would take it for a query
+# parameter (every request a 422).
 import asyncio
 import logging
 import os
@@ -43,7 +45,7 @@ class RayOptions:
     gpus_per_replica: float | None = None  # default: 1 where the cluster has GPUs
 
     @classmethod
-    def from_args(cls, args) -> RayOptions:
+    def from_args(cls, args) -> "RayOptions":
         autoscale = None
         if args.ray_autoscale:
             try:

@@ -24,10 +24,10 @@ import shutil
 from pathlib import Path
 
 from runtime.errors import UserError
+from runtime.graphs import GENERATION_GRAPHS
 from runtime.manifest import file_path, graph_spec, read_manifest
 from runtime.spec import numpy_dtype
 
-GENERATION_GRAPHS = ("prefill", "dit_step", "unet_step", "vae_decoder")
 ORCHESTRATOR = "blip3o"
 TRITON_TYPES = {
     "float32": "TYPE_FP32",
