@@ -6,6 +6,12 @@ guidance and the sampler update, so the loop only feeds each call's scalars (the
 `runtime.samplers`); latents and the multistep state stay in the backend's arrays (device
 buffers on GPU backends).
 
+This is the runtime's one sampling loop. `step_jobs(gen, jobs)` makes the next session call for
+one job, or for several jobs at the same call of the same plan (equal `key()`: the server's
+step-level batching), their rows concatenated along the batch axis and split back after the
+call; `GenerationJob.step()` is `step_jobs` over the job alone. Each job keeps its own seeded
+noise and multistep state, so a batched job computes what it computes alone.
+
 Noise convention (shared with the PyTorch reference): one `np.random.default_rng(seed)` draws
 the DiT's noise (N, C, 8, 8) first and the decoder's (N, 4, l, l) second, float32.
 """
@@ -19,6 +25,9 @@ from runtime import checks
 from runtime.params import GeneratorParams
 from runtime.samplers import decoder_plan, dit_feeds, flow_plan, unet_feeds
 
+STAGES = ("prefill", "dit", "unet", "vae_decoder")  # then "done"
+HINT = "lower the guidance scales or check the engine folder (python export/check.py)"
+
 
 def draw_noise(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
     rng = np.random.default_rng(int(seed))
@@ -26,14 +35,22 @@ def draw_noise(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
 
 
 class GenerationJob:
-    """One generation, advanced by `step()`; `result()` returns the PIL images when done."""
+    """One generation, advanced by `step()`; `result()` returns the PIL images when done.
 
-    def __init__(self, gen, prompt: str, params: GeneratorParams) -> None:
+    `stage` is the stage the next step runs ("prefill", "dit", "unet", "vae_decoder", then
+    "done"), `call` the index of the next call within it; `done_steps` of `total`. `features`
+    holds the DiT's (N, 64, C) float32 image features once the DiT stage is over. `template`:
+    False feeds the prompt as raw text (the blank-prompt decoder negative)."""
+
+    def __init__(
+        self, gen, prompt: str, params: GeneratorParams, *, template: bool = True
+    ) -> None:
         if not params.is_resolved:
             raise ValueError(f"params must be resolved against the folder first, got {params}")
         self.gen = gen
-        self.prompt = checks.text("prompt", prompt)
-        self.params = params
+        # raw text (the manifest's blank negative prompt) may be empty; a user's prompt may not
+        self.prompt = checks.text("prompt", prompt) if template else prompt
+        self.params, self.template = params, template
         cfg = gen.config
         n = params.num_images
         d, dec = cfg["dit"], cfg["decoder"]
@@ -45,28 +62,38 @@ class GenerationJob:
         self.decoder = decoder_plan(params.decoder_sampler, params.decoder_steps, dec)
         self.total = 1 + len(self.flow.calls) + len(self.decoder.calls) + 1
         self.done_steps = 0
-        self.stage = "prefill"  # the stage the next `step()` runs ("done" at the end)
+        self.stage, self.call = "prefill", 0
+        self.error: BaseException | None = None  # why the job failed, once it did
+        self.features: np.ndarray | None = None
+        self.latents = self.state = self.cond = self._features_in = None
         self._images: list[Image.Image] | None = None
-        self._work = self._run()
-        gen._jobs.add(self)
+        self._open = True  # registered with the Generator from its first step on
+
+    @property
+    def rows(self) -> int:
+        return self.params.num_images
 
     @property
     def done(self) -> bool:
         return self._images is not None
 
+    def key(self) -> tuple:
+        """Jobs with equal keys can share the next session call (`step_jobs`)."""
+        p = self.params
+        if self.stage == "dit":
+            return ("dit", self.call, p.sampler, p.steps, p.guidance)
+        if self.stage == "unet":
+            return ("unet", self.call, p.decoder_sampler, p.decoder_steps, p.decoder_guidance)
+        if self.stage == "prefill":
+            return ("prefill", id(self))  # prompts differ in length: prefills are not batched
+        return (self.stage,)
+
     def step(self) -> str:
         """Run the next unit of work; returns the stage it belonged to."""
         with self.gen._lock:  # one session call at a time per Generator, jobs interleaved
-            if self.done:
-                raise RuntimeError("this generation is finished; call result()")
-            try:
-                stage = next(self._work)
-            except BaseException:
-                self.gen._job_finished(self)  # a failed job holds no session open
-                raise
-            self.done_steps += 1
-            if self.done:
-                self.gen._job_finished(self)
+            stage = step_jobs(self.gen, [self])
+            if self.error is not None:
+                raise self.error
             return stage
 
     def result(self) -> list[Image.Image]:
@@ -74,62 +101,149 @@ class GenerationJob:
             self.step()
         return self._images
 
-    def _run(self):
-        gen, p = self.gen, self.params
-        io = gen.io_dtype
-        cond = gen.conditioning(self.prompt)  # (1, 64, H) host array
-        cond = np.repeat(cond, p.num_images, axis=0).astype(io)
-        self.stage = "dit"
-        yield "prefill"
-        features, last = None, len(self.flow.calls) - 1
-        for i, features in enumerate(flow_features(gen, cond, self.noise, self.flow, p.guidance)):
-            if features is None:
-                if i == last:
-                    self.stage = "unet"
-                yield "dit"
-        hint = "lower the guidance scales or check the engine folder (python export/check.py)"
-        checks.finite("the DiT's image features", features, hint)
-        negative = gen.negative_features()  # (1, 64, C)
-        plan = self.decoder
-        latents = (self.latent_noise * plan.init_noise_sigma).astype(io)
-        denoised = np.zeros_like(latents)
-        unet = gen.session("unet_step")
-        feats, neg = np.ascontiguousarray(features.astype(io)), negative.astype(io)
-        for i, call in enumerate(plan.calls):
-            feeds = unet_feeds(call, latents, denoised, feats, neg, p.decoder_guidance)
-            out = unet.run(feeds)
-            latents, denoised = out["next_latents"], out["denoised"]
-            if i == len(plan.calls) - 1:
-                self.stage = "vae_decoder"
-            yield "unet"
+    def cancel(self) -> None:
+        """Stop here: the job holds nothing afterwards (its sessions may close)."""
+        with self.gen._lock:
+            self._close()
+
+    def _fail(self, err: BaseException) -> None:
+        self.error = err
+        self._close()
+
+    def _close(self) -> None:
+        self.latents = self.state = self.cond = self._features_in = None
+        if self._open:
+            self._open = False
+            self.gen._job_finished(self)  # a finished or failed job holds no session open
+
+
+def step_jobs(gen, jobs: list[GenerationJob]) -> str:
+    """The next session call for `jobs` (equal `key()`); returns the stage it ran. A job whose
+    output fails its check gets `error` and is closed; the others go on. Call it holding
+    `gen._lock`."""
+    first = jobs[0]
+    for job in jobs:
+        if job.done or job.error is not None or not job._open:
+            raise RuntimeError("this generation is finished; call result()")
+        if job.key() != first.key():
+            raise ValueError(f"jobs at {job.key()} and {first.key()} cannot share a call")
+    stage = first.stage
+    try:
+        _STEPS[stage](gen, jobs)
+    except BaseException:
+        for job in jobs:
+            job._close()
+        raise
+    for job in jobs:
+        job.done_steps += 1
+        if job.done:
+            job._close()
+    return stage
+
+
+def preview(gen, jobs: list[GenerationJob]) -> list[np.ndarray]:
+    """(N, 3, H, W) float32 images of the jobs' current decoder latents (partial images)."""
+    return _decode(gen, jobs)
+
+
+# the stages --------------------------------------------------------------------------------
+def _prefill(gen, jobs) -> None:
+    io = gen.io_dtype
+    for job in jobs:  # one: prefill keys are unique
+        gen._jobs.add(job)  # an open job: its stages' sessions stay open (low-memory mode)
+        cond = gen.conditioning(job.prompt, template=job.template)  # (1, 64, H) host array
+        job.cond = np.repeat(cond, job.rows, axis=0).astype(io)
+        job.latents = job.noise.astype(io)
+        job.state = np.zeros_like(job.latents)  # the multistep state: the last velocity
+        job.stage, job.call = "dit", 0
+
+
+def _dit(gen, jobs) -> None:
+    first, dit = jobs[0], gen.session("dit_step")
+    call = first.flow.calls[first.call]
+    feeds = dit_feeds(
+        call, _rows(dit, jobs, "latents"), _rows(dit, jobs, "state"), _rows(dit, jobs, "cond"),
+        first.params.guidance,
+    )  # fmt: skip
+    out = dit.run(feeds)
+    _split(dit, jobs, latents=out["next_latents"], state=out["velocity"])
+    for job in jobs:
+        job.call += 1
+        if job.call < len(job.flow.calls):
+            continue
+        grid = dit.to_host(job.latents).astype(np.float32)  # (N, C, 8, 8)
+        features = grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1).copy()
+        try:
+            checks.finite("the DiT's image features", features, HINT)
+        except Exception as err:
+            job._fail(err)
+            continue
+        job.features = features  # (N, 64, C)
+        job._features_in = np.ascontiguousarray(features.astype(gen.io_dtype))
+        job.latents = (job.latent_noise * job.decoder.init_noise_sigma).astype(gen.io_dtype)
+        job.state = np.zeros_like(job.latents)  # the last x0 prediction
+        job.stage, job.call = "unet", 0
+    if all(job.stage != "dit" for job in jobs):
+        gen.release("dit_step")
+
+
+def _unet(gen, jobs) -> None:
+    first, unet = jobs[0], gen.session("unet_step")
+    negative = gen.negative_features().astype(gen.io_dtype)  # (1, 64, C)
+    feeds = unet_feeds(
+        first.decoder.calls[first.call], _rows(unet, jobs, "latents"), _rows(unet, jobs, "state"),
+        _rows(unet, jobs, "_features_in"), negative, first.params.decoder_guidance,
+    )  # fmt: skip
+    out = unet.run(feeds)
+    _split(unet, jobs, latents=out["next_latents"], state=out["denoised"])
+    for job in jobs:
+        job.call += 1
+        if job.call == len(job.decoder.calls):
+            job.stage, job.call = "vae_decoder", 0
+    if all(job.stage != "unet" for job in jobs):
         gen.release("unet_step")
-        vae = gen.session("vae_decoder")
-        images = vae.to_host(vae.run({"latents": latents})["images"]).astype(np.float32)
-        gen.release("vae_decoder")
-        checks.finite("the decoded image", images, hint)
-        self._images = [to_pil(x) for x in images]
-        self.stage = "done"
-        yield "vae_decoder"
 
 
-def flow_features(gen, cond: np.ndarray, noise: np.ndarray, plan, guidance: float):
-    """Guided flow sampling with the fused `dit_step` graph, one call per row of `plan`
-    (`runtime.samplers.flow_plan`).
+def _vae(gen, jobs) -> None:
+    for job, images in zip(jobs, _decode(gen, jobs)):
+        try:
+            checks.finite("the decoded image", images, HINT)
+        except Exception as err:
+            job._fail(err)
+            continue
+        job._images = [to_pil(x) for x in images]
+        job.stage = "done"
+    gen.release("vae_decoder")
 
-    A generator: yields None after each call, then the (N, 64, C) feature tokens (host, float32).
-    cond (N, 64, H) and noise (N, C, 8, 8) are host arrays.
-    """
-    dit = gen.session("dit_step")
-    latents = noise.astype(gen.io_dtype)
-    velocity = np.zeros_like(latents)
-    cond = cond.astype(gen.io_dtype)
-    for call in plan.calls:
-        out = dit.run(dit_feeds(call, latents, velocity, cond, guidance))
-        latents, velocity = out["next_latents"], out["velocity"]
-        yield None
-    grid = dit.to_host(latents).astype(np.float32)  # (N, C, 8, 8)
-    gen.release("dit_step")
-    yield grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1).copy()  # (N, 64, C)
+
+_STEPS = {"prefill": _prefill, "dit": _dit, "unet": _unet, "vae_decoder": _vae}
+
+
+def _decode(gen, jobs) -> list[np.ndarray]:
+    vae = gen.session("vae_decoder")
+    images = vae.run({"latents": _rows(vae, jobs, "latents")})["images"]
+    images = vae.to_host(images).astype(np.float32)  # (R, 3, H, W)
+    return np.split(images, np.cumsum([job.rows for job in jobs])[:-1])
+
+
+def _rows(session, jobs, name: str):
+    """The jobs' `name` arrays as one batch: a job's own array (left where the backend put it)
+    when alone, else their host copies concatenated."""
+    if len(jobs) == 1:
+        return getattr(jobs[0], name)
+    return np.concatenate([session.to_host(getattr(job, name)) for job in jobs])
+
+
+def _split(session, jobs, **outputs) -> None:
+    """Give each job its rows of each output (the whole output when alone)."""
+    if len(jobs) == 1:
+        for name, value in outputs.items():
+            setattr(jobs[0], name, value)
+        return
+    bounds = np.cumsum([job.rows for job in jobs])[:-1]
+    for name, value in outputs.items():
+        for job, part in zip(jobs, np.split(session.to_host(value), bounds)):
+            setattr(job, name, part)
 
 
 def blank_prompt_features(gen) -> np.ndarray:
@@ -137,14 +251,14 @@ def blank_prompt_features(gen) -> np.ndarray:
     blank prompt (raw text, no template), sampled once with the sampler's steps, guidance and
     `negative_seed`. The build's `negative` stage runs it; the runtime reads the file."""
     s = gen.manifest["sampler"]
-    d = gen.config["dit"]
-    (noise,) = draw_noise(
-        s["negative_seed"], (1, d["in_channels"], d["input_size"], d["input_size"])
-    )
-    cond = gen.conditioning(gen.manifest["template"]["negative_prompt"], template=False)
-    plan = flow_plan(s["sampler"], s["steps"])
-    *_, negative = flow_features(gen, cond, noise, plan, s["guidance"])  # (1, 64, C)
-    return negative
+    params = GeneratorParams(
+        sampler=s["sampler"], steps=s["steps"], guidance=s["guidance"], seed=s["negative_seed"]
+    ).resolved(s, 1)  # one row, whatever batch the folder's graphs were pinned to
+    job = GenerationJob(gen, gen.manifest["template"]["negative_prompt"], params, template=False)
+    while job.stage in ("prefill", "dit"):
+        job.step()
+    job.cancel()
+    return job.features
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:

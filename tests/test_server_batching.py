@@ -22,8 +22,7 @@ def gen(tiny_engine_dir):
 
 
 def task(gen, prompt, seed, n=1, guidance=None):
-    prep = adapter.prepare(
-        gen,
+    job = gen.start(
         prompt,
         seed=seed,
         steps=STEPS,
@@ -32,7 +31,7 @@ def task(gen, prompt, seed, n=1, guidance=None):
         decoder_guidance=None,
         num_images=n,
     )
-    return ImageTask(prep)
+    return ImageTask(job)
 
 
 def run_all(engine, tasks):
@@ -62,9 +61,9 @@ def test_batched_images_equal_each_request_alone(gen):
         assert engine.calls["dit"] == STEPS and engine.calls["unet"] == DECODER_STEPS
         assert engine.calls["vae_decoder"] == 1 and engine.calls["prefill"] == 3
         for t in tasks:
-            p = t.prep.params
+            p = t.job.params
             alone = gen.generate(
-                t.prep.prompt,
+                t.job.prompt,
                 seed=p.seed,
                 steps=STEPS,
                 decoder_steps=DECODER_STEPS,

@@ -1,40 +1,18 @@
-"""The server's one link to the runtime core: everything it needs from `Generator` goes here.
+"""The server's link to the runtime core, beyond `Generator.start` and `runtime.generation`'s
+`step_jobs` (the engine's one sampling loop):
 
-The runtime core is moving (a params object, an understanding token job with streaming and
-finish reasons, an in-place KV cache). The server reads today's API through these functions
-only, so a change of the core is a change of this file:
-
-- `prepare(gen, ...)`: validated generation params, the seeded noise and the sampler plans of
-  one request, taken from the runtime's own `GenerationJob` (so the server's noise convention and
-  sampler plans are the runtime's, never a copy); the job object is not stepped.
-- `dit_feeds` / `unet_feeds`: one call's feeds for a batch of rows: `runtime.samplers`' feeds,
-  the ones the runtime's loop builds.
+- `max_batch(gen)`: the rows one step-graph call takes.
 - `answer(...)`: image understanding with exact token counts and a finish reason, read from the
-  runtime's prompt encoder while today's `answer_tokens` runs (the token job will report them).
+  runtime's prompt encoder while `answer_tokens` runs.
+- `generator_with_sessions(...)`: a Generator over someone else's sessions (Triton's BLS).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from runtime import samplers
 from runtime.manifest import graph_spec
-from runtime.params import GeneratorParams
 from runtime.understanding import MAX_NEW_TOKENS, answer_tokens
-
-
-@dataclass
-class Prepared:
-    """One validated request: params, its noise and its sampler plans (host data)."""
-
-    prompt: str
-    params: GeneratorParams
-    noise: np.ndarray  # (N, C, 8, 8) DiT noise
-    latent_noise: np.ndarray  # (N, 4, l, l) decoder noise
-    flow: samplers.FlowPlan  # the dit_step calls
-    decoder: samplers.DecoderPlan  # the unet_step calls
 
 
 def max_batch(gen) -> int:
@@ -43,43 +21,6 @@ def max_batch(gen) -> int:
         graph_spec(gen.manifest, name).dim("batch").max
         for name in ("dit_step", "unet_step", "vae_decoder")
     )
-
-
-def sampler_defaults(gen) -> dict:
-    return dict(gen.manifest["sampler"])
-
-
-def prepare(gen, prompt: str, **settings) -> Prepared:
-    """Validate one request (a `UserError` names the bad value) and draw its noise. `settings`
-    are `GeneratorParams` fields (`runtime.params.SETTINGS`)."""
-    job = gen.start(prompt, **settings)
-    gen._job_finished(job)  # never stepped: it holds nothing open
-    return Prepared(
-        prompt=job.prompt,
-        params=job.params,
-        noise=job.noise,
-        latent_noise=job.latent_noise,
-        flow=job.flow,
-        decoder=job.decoder,
-    )
-
-
-def conditioning(gen, prompt: str) -> np.ndarray:
-    """(1, 64, H) host conditioning of a generation prompt (one prefill call)."""
-    return gen.conditioning(prompt)
-
-
-def negative_features(gen) -> np.ndarray:
-    return gen.negative_features()  # (1, 64, C)
-
-
-def dit_feeds(prep: Prepared, i: int, latents, velocity, cond) -> dict:
-    return samplers.dit_feeds(prep.flow.calls[i], latents, velocity, cond, prep.params.guidance)
-
-
-def unet_feeds(prep: Prepared, i: int, latents, denoised, features, negative) -> dict:
-    call, guidance = prep.decoder.calls[i], prep.params.decoder_guidance
-    return samplers.unet_feeds(call, latents, denoised, features, negative, guidance)
 
 
 @dataclass

@@ -91,8 +91,7 @@ class State:
                 metrics=self.metrics,
             )
             if c.warmup:
-                prep = adapter.prepare(self.gen, "warm-up", seed=0, steps=1, decoder_steps=1)
-                task = ImageTask(prep)
+                task = ImageTask(self.gen.start("warm-up", seed=0, steps=1, decoder_steps=1))
                 self.engine.submit(task)
                 task.wait()
                 if task.status != "succeeded":
@@ -277,11 +276,11 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
             state.submit(None)  # raises the 503
         try:
             settings = {k: fields[k] for k in SETTINGS}
-            prep = adapter.prepare(state.gen, fields["prompt"], **settings)
+            job = state.gen.start(fields["prompt"], **settings)  # validated, not yet run
         except Exception as err:
             raise protocol.api_error(err) from err
-        tokens = len(state.gen.prompts.generation_ids(prep.prompt))
-        return ImageTask(prep, partial_images=fields["partial_images"]), tokens
+        tokens = len(state.gen.prompts.generation_ids(job.prompt))
+        return ImageTask(job, partial_images=fields["partial_images"]), tokens
 
     async def read_image_fields(request: Request) -> dict:
         body = protocol.parse_body(await request.body())

@@ -13,10 +13,10 @@ repeatedly picks the group holding the oldest running request and makes one sess
 - its rows (a request of `n` images is `n` rows) are concatenated up to `max_batch` (the
   graphs' `batch` max), each with its own seeded noise, and split back after the call.
 
-Outputs are copied to the host after every call (`session.to_host`): GPU sessions return views
-into their own buffers, which the next group's call would overwrite. Cancellation (a client gone,
-or the job API) is checked between calls. Chat requests run on the same thread, one whole answer
-per work item (today's runtime answers in one call; see `adapter.answer`).
+Each call is the runtime's own `runtime.generation.step_jobs` over the group's `GenerationJob`s
+(the one sampling loop; a request alone is `step_jobs` over one job), timed per stage.
+Cancellation (a client gone, or the job API) is checked between calls. Chat requests run on the
+same thread, one whole answer per work item (see `adapter.answer`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from runtime import checks
-from runtime.generation import to_pil
+from runtime.generation import GenerationJob, preview, step_jobs, to_pil
 from runtime.server import adapter
 
 log = logging.getLogger(__name__)
 _SEQ = itertools.count()
-HINT = "lower the guidance scales or check the engine folder (python export/check.py)"
 
 
 class QueueFull(Exception):
@@ -69,53 +66,43 @@ class _Waitable:
         return self._done_event.wait(timeout)
 
 
-# stage -> (its step graph, the graph's sampler-state output)
-STEP_GRAPHS = {"dit": ("dit_step", "velocity"), "unet": ("unet_step", "denoised")}
-
-
 @dataclass(eq=False)
 class ImageTask(_Waitable):
-    """One image request as the engine sees it; the HTTP layer watches its fields."""
+    """One image request as the engine sees it (its `GenerationJob`, not yet started, from
+    `Generator.start`); the HTTP layer watches its fields."""
 
-    prep: adapter.Prepared
+    job: GenerationJob
     partial_images: int = 0
     on_event: Callable[[str, ImageTask, object], None] | None = None  # called on the thread
     seq: int = field(default_factory=lambda: next(_SEQ))
     status: str = "queued"  # queued | running | succeeded | failed | cancelled
-    stage: str = "queued"
-    step: int = 0  # index within the stage
-    steps_done: int = 0
     error: BaseException | None = None
     images: list | None = None  # PIL images once succeeded
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
     cancel_requested: bool = False
-    _latents: np.ndarray | None = None
-    _state: np.ndarray | None = None  # the multistep state: the last velocity / x0 prediction
-    _cond: np.ndarray | None = None
-    _features: np.ndarray | None = None
     _done_event: threading.Event = field(default_factory=threading.Event)
 
     @property
+    def stage(self) -> str:
+        return "queued" if self.status == "queued" else self.job.stage
+
+    @property
     def rows(self) -> int:
-        return self.prep.params.num_images
+        return self.job.rows
+
+    @property
+    def steps_done(self) -> int:
+        return self.job.done_steps
 
     @property
     def steps_total(self) -> int:
-        return 1 + len(self.prep.flow.calls) + len(self.prep.decoder.calls) + 1
-
-    def key(self) -> tuple:
-        p = self.prep.params
-        if self.stage == "dit":
-            return ("dit", self.step, p.sampler, p.steps, p.guidance)
-        if self.stage == "unet":
-            return ("unet", self.step, p.decoder_sampler, p.decoder_steps, p.decoder_guidance)
-        return (self.stage,)
+        return self.job.total
 
     def partial_steps(self) -> set[int]:
         """UNet call indices after which a partial image is sent (evenly spaced, not the last)."""
-        n, k = len(self.prep.decoder.calls), self.partial_images
+        n, k = len(self.job.decoder.calls), self.partial_images
         return {round((j + 1) * n / (k + 1)) - 1 for j in range(k)} - {n - 1} if k else set()
 
 
@@ -228,6 +215,7 @@ class Engine:
             if isinstance(task, CallTask):
                 self._call_done(task)
             else:
+                task.job.cancel()
                 task._done_event.set()
                 self._emit("done", task, None)
 
@@ -267,7 +255,8 @@ class Engine:
             if task in self._running:
                 self._running.remove(task)
             self._gauges()
-        task._latents = task._state = task._cond = task._features = None
+        if not task.job.done:
+            task.job.cancel()  # nothing of it stays open
         task._done_event.set()
         self._emit("done", task, None)
 
@@ -292,127 +281,51 @@ class Engine:
     def _step_once(self) -> None:
         for task in [t for t in self._running if t.cancel_requested]:
             self._finish(task, "cancelled", Cancelled("cancelled"))
-        fresh = [t for t in self._running if t.stage == "queued"]
+        fresh = [t for t in self._running if t.status == "queued"]
         for task in fresh:  # all admitted prefills first, so a burst stays in step
-            task.status, task.stage, task.started = "running", "prefill", time.time()
-            try:
-                cond = self._timed(
-                    "prefill",
-                    1,
-                    lambda t=task: adapter.conditioning(self.gen, t.prep.prompt),
-                )
-            except Exception as err:
-                self._finish(task, "failed", err)
-                continue
-            task._cond = np.repeat(cond, task.rows, axis=0).astype(self.gen.io_dtype)
-            task._latents = task.prep.noise.astype(self.gen.io_dtype)
-            task._state = np.zeros_like(task._latents)
-            task.stage, task.step = "dit", 0
-            self._advance(task)
+            task.status, task.started = "running", time.time()
+            self._run([task])
         if fresh or not self._running:
             return
         oldest = min(self._running, key=lambda t: t.seq)
-        key = oldest.key()
+        key = oldest.job.key()
         group, rows = [], 0
         for task in sorted(self._running, key=lambda t: t.seq):
-            if task.key() == key and rows + task.rows <= self.max_batch:
+            if task.job.key() == key and rows + task.rows <= self.max_batch:
                 group.append(task)
                 rows += task.rows
+        self._run(group)
+
+    def _run(self, group: list[ImageTask]) -> None:
+        """One session call for `group` (equal job keys), then each task's events."""
+        first = group[0].job
+        stage, call = first.stage, first.call
+        rows = sum(t.rows for t in group)
         try:
-            {"dit": self._dit, "unet": self._unet, "vae_decoder": self._vae}[oldest.stage](group)
+            with self.gen._lock:
+                self._timed(stage, rows, lambda: step_jobs(self.gen, [t.job for t in group]))
         except Exception as err:
             for task in group:
                 self._finish(task, "failed", err)
-
-    def _advance(self, task: ImageTask) -> None:
-        task.steps_done += 1
-        self._emit("progress", task, None)
-
-    def _call(self, stage: str, group: list[ImageTask], feeds_of) -> int:
-        """One step-graph call for `group`; each task's latents and state move to its rows of
-        the outputs. Returns the call index."""
-        gen, i = self.gen, group[0].step
-        latents = np.concatenate([t._latents for t in group])  # (R, ...)
-        state = np.concatenate([t._state for t in group])  # (R, ...)
-        name, state_out = STEP_GRAPHS[stage]
-        session = gen.session(name)
-        feeds = feeds_of(i, latents, state)
-
-        def run():
-            out = session.run(feeds)
-            return session.to_host(out["next_latents"]), session.to_host(out[state_out])
-
-        out, state = self._timed(stage, len(latents), run)
-        for task, part, part_state in zip(group, _split(out, group), _split(state, group)):
-            task._latents, task._state, task.step = part, part_state, i + 1
-        return i
-
-    def _dit(self, group: list[ImageTask]) -> None:
-        gen, first = self.gen, group[0]
-        cond = np.concatenate([t._cond for t in group])  # (R, 64, H)
-        self._call("dit", group, lambda i, x, v: adapter.dit_feeds(first.prep, i, x, v, cond))
+            return
         for task in group:
-            if task.step == len(task.prep.flow.calls):
-                grid = task._latents.astype(np.float32)  # (N, C, 8, 8)
-                features = grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1)
-                try:
-                    checks.finite("the DiT's image features", features, HINT)
-                except Exception as err:
-                    self._finish(task, "failed", err)
-                    continue
-                task._features = np.ascontiguousarray(features.astype(gen.io_dtype))
-                plan = task.prep.decoder
-                task._latents = (task.prep.latent_noise * plan.init_noise_sigma).astype(
-                    gen.io_dtype
-                )
-                task._state = np.zeros_like(task._latents)
-                task.stage, task.step = "unet", 0
-            self._advance(task)
-
-    def _unet(self, group: list[ImageTask]) -> None:
-        gen, first = self.gen, group[0]
-        negative = adapter.negative_features(gen).astype(gen.io_dtype)  # (1, 64, C)
-        features = np.concatenate([t._features for t in group])  # (R, 64, C)
-        i = self._call(
-            "unet",
-            group,
-            lambda i, x, d: adapter.unet_feeds(first.prep, i, x, d, features, negative),
-        )
-        partial = [t for t in group if i in t.partial_steps()]
-        for task in group:
-            if task.step == len(task.prep.decoder.calls):
-                task.stage, task.step = "vae_decoder", 0
-            self._advance(task)
+            if task.job.error is not None:
+                self._finish(task, "failed", task.job.error)
+            elif task.job.done:
+                task.images = task.job.result()
+                self._finish(task, "succeeded")
+            else:
+                self._emit("progress", task, None)
+        partial = [
+            t for t in group
+            if stage == "unet" and t.job.error is None and call in t.partial_steps()
+        ]  # fmt: skip
         if partial:  # previews: the current latents through the VAE, for those that asked
-            latents = np.concatenate([t._latents for t in partial])
-            images = self._decode(latents, partial)
-            for task, part in zip(partial, _split(images, partial)):
-                index = sorted(task.partial_steps()).index(i)
+            jobs = [t.job for t in partial]
+            with self.gen._lock:
+                images = self._timed(
+                    "vae_decoder", sum(t.rows for t in partial), lambda: preview(self.gen, jobs)
+                )
+            for task, part in zip(partial, images):
+                index = sorted(task.partial_steps()).index(call)
                 self._emit("partial", task, (index, [to_pil(x) for x in part]))
-
-    def _decode(self, latents: np.ndarray, group: list[ImageTask]) -> np.ndarray:
-        vae = self.gen.session("vae_decoder")
-        return self._timed(
-            "vae_decoder",
-            len(latents),
-            lambda: vae.to_host(vae.run({"latents": latents})["images"]).astype(np.float32),
-        )
-
-    def _vae(self, group: list[ImageTask]) -> None:
-        latents = np.concatenate([t._latents for t in group])  # (R, 4, l, l)
-        images = self._decode(latents, group)  # (R, 3, S, S)
-        for task, part in zip(group, _split(images, group)):
-            try:
-                checks.finite("the decoded image", part, HINT)
-            except Exception as err:
-                self._finish(task, "failed", err)
-                continue
-            task.images = [to_pil(x) for x in part]
-            task.stage = "done"
-            task.steps_done += 1
-            self._finish(task, "succeeded")
-
-
-def _split(batch: np.ndarray, group: list[ImageTask]) -> list[np.ndarray]:
-    bounds = np.cumsum([t.rows for t in group])[:-1]
-    return [np.ascontiguousarray(p) for p in np.split(batch, bounds)]
