@@ -38,7 +38,7 @@ from runtime.probe import ort_facts
 from runtime.sessions import Session, backends, open_session
 from runtime.spec import GraphSpec, numpy_dtype
 from runtime.text import PromptEncoder
-from runtime.understanding import AnswerParams, TokenJob, answer_tokens
+from runtime.understanding import AnswerParams, TokenJob, stream_text
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -349,13 +349,12 @@ class Generator:
     ) -> str:
         """Image understanding (greedy by default); `stream` receives text as it is decoded."""
         with self._lock:
-            return answer_tokens(
-                self,
+            job = self.start_answer(
                 image,
                 question,
                 max_new_tokens=max_new_tokens,
-                stream=stream,
                 temperature=temperature,
                 top_p=top_p,
                 seed=seed,
             )
+            return stream_text(job, stream)

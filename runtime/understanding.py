@@ -189,6 +189,7 @@ class TokenJob:
         self.finish_reason: str | None = None
         self._rng = np.random.default_rng(self.params.seed)
         self._cache = self._logits = self._deltas = None
+        self.prompt_tokens = 0  # the chat prompt's length (image tokens included), at prefill
         self._position = 0  # cache rows filled = the next token's row
         self._pending: int | None = None  # sampled, not yet fed through decode
         gen._jobs.add(self)
@@ -290,7 +291,7 @@ class TokenJob:
             )
             self._cache.write(0, out["present_keys"], out["present_values"])  # copied out
         gen.release("prefill")  # after the copy: nothing of the job points into its buffers
-        self._position = len(ids)
+        self.prompt_tokens = self._position = len(ids)
 
     def _feed(self, token: int) -> None:
         gen, cache = self.gen, self._cache
@@ -331,26 +332,19 @@ class TokenJob:
         self.gen._job_finished(self)
 
 
-def answer_tokens(
-    gen,
-    image,
-    question: str,
-    *,
-    max_new_tokens: int,
-    stream: Callable[[str], None] | None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-) -> str:
-    """A whole answer through one `TokenJob`; `stream` receives the text as it grows."""
-    params = AnswerParams(max_new_tokens, temperature, top_p, seed)
-    job = TokenJob(gen, image, question, params)
+def stream_text(job: TokenJob, stream: Callable[[str], None] | None = None) -> str:
+    """Run a token job to its end; `stream` receives the text as it grows. If anything raises
+    (a stream callback that stops because its client went away), the job is cancelled."""
     text = ""
-    while not job.done:
-        job.generate_next_token()
-        if stream is not None and job.tokens:
-            new_text = gen.prompts.decode(job.tokens)
-            if len(new_text) > len(text):
-                stream(new_text[len(text) :])
-            text = new_text
+    try:
+        while not job.done:
+            job.generate_next_token()
+            if stream is not None and job.tokens:
+                new_text = job.gen.prompts.decode(job.tokens)
+                if len(new_text) > len(text):
+                    stream(new_text[len(text) :])
+                text = new_text
+    except BaseException:
+        job.cancel()
+        raise
     return job.text()

@@ -9,7 +9,7 @@ import pytest
 from runtime.errors import UserError
 from runtime.generator import Generator
 from runtime.graphs import cache_feeds
-from runtime.understanding import AnswerParams, sample_token
+from runtime.understanding import AnswerParams, sample_token, stream_text
 from tests.simulated_device import picture
 
 QUESTION = "Describe the image."
@@ -38,6 +38,21 @@ def test_job_equals_answer_and_stops_on_length(gen):
         assert len(job.tokens) == 7
     with pytest.raises(RuntimeError, match="finished"):
         job.generate_next_token()
+
+
+def test_a_stream_that_raises_cancels_its_job(gen):
+    """A stream callback that stops (its client went away) leaves no job open behind it."""
+    job = gen.start_answer(picture(), QUESTION, max_new_tokens=7)
+    jobs_before = len(gen._jobs)
+
+    def gone(_text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_text(job, gone)
+    assert job.finish_reason == "cancelled" and job.capacity == 0  # its cache is freed
+    assert len(gen._jobs) == jobs_before - 1
+    assert job.prompt_tokens > 0 and len(job.tokens) >= 1
 
 
 def test_finish_reason_eos(tiny_engine_dir, gen):

@@ -2,8 +2,8 @@
 `step_jobs` (the engine's one sampling loop):
 
 - `max_batch(gen)`: the rows one step-graph call takes.
-- `answer(...)`: image understanding with exact token counts and a finish reason, read from the
-  runtime's prompt encoder while `answer_tokens` runs.
+- `answer(...)`: image understanding as OpenAI reports it (usage counts, finish reason), from
+  the runtime's token job.
 - `generator_with_sessions(...)`: a Generator over someone else's sessions (Triton's BLS).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.manifest import graph_spec
-from runtime.understanding import MAX_NEW_TOKENS, answer_tokens
+from runtime.understanding import MAX_NEW_TOKENS, stream_text
 
 
 def max_batch(gen) -> int:
@@ -28,58 +28,19 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens or the context)
-
-
-class _CountingPrompts:
-    """The Generator's prompt encoder, recording the prompt length and the tokens decoded."""
-
-    def __init__(self, prompts) -> None:
-        self._prompts = prompts
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-
-    def chat_ids(self, question, num_image_tokens):
-        ids = self._prompts.chat_ids(question, num_image_tokens)
-        self.prompt_tokens = len(ids)
-        return ids
-
-    def decode(self, ids):
-        self.completion_tokens = max(self.completion_tokens, len(ids))
-        return self._prompts.decode(ids)
-
-    def __getattr__(self, name):
-        return getattr(self._prompts, name)
-
-
-class _CountingGen:
-    def __init__(self, gen, prompts) -> None:
-        self._gen, self.prompts = gen, prompts
-
-    def __getattr__(self, name):
-        return getattr(self._gen, name)
+    finish_reason: str  # OpenAI's: "stop" (end of sequence) or "length" (max_tokens, context)
 
 
 def answer(gen, image, question: str, *, max_tokens: int, stream=None) -> Answer:
     """Greedy answer about `image` with usage counts; `stream(text)` gets text as decoded."""
-    prompts = _CountingPrompts(gen.prompts)
     with gen._lock:
-        text = answer_tokens(
-            _CountingGen(gen, prompts),
-            image,
-            question,
-            max_new_tokens=max_tokens,
-            stream=stream if stream is not None else (lambda _s: None),
-        )
-    context = graph_spec(gen.manifest, "decode").dim("capacity").max
-    hit_limit = prompts.completion_tokens >= max_tokens or (
-        prompts.prompt_tokens + prompts.completion_tokens > context
-    )
+        job = gen.start_answer(image, question, max_new_tokens=max_tokens)
+        text = stream_text(job, stream)
     return Answer(
         text=text,
-        prompt_tokens=prompts.prompt_tokens,
-        completion_tokens=prompts.completion_tokens,
-        finish_reason="length" if hit_limit else "stop",
+        prompt_tokens=job.prompt_tokens,
+        completion_tokens=len(job.tokens),
+        finish_reason="stop" if job.finish_reason == "eos" else "length",  # length, cache_full
     )
 
 
