@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.manifest import graph_spec
-from runtime.understanding import MAX_NEW_TOKENS, stream_text
+from runtime.understanding import AnswerParams, TokenJob, stream_text
 
 
 def max_batch(gen) -> int:
@@ -31,10 +31,11 @@ class Answer:
     finish_reason: str  # OpenAI's: "stop" (end of sequence) or "length" (max_tokens, context)
 
 
-def answer(gen, image, question: str, *, max_tokens: int, stream=None) -> Answer:
-    """Greedy answer about `image` with usage counts; `stream(text)` gets text as decoded."""
+def answer(gen, image, question: str, options: AnswerParams, stream=None) -> Answer:
+    """The answer about `image` (greedy unless `options.temperature` > 0) with usage counts;
+    `stream(text)` gets the text as it is decoded."""
     with gen._lock:
-        job = gen.start_answer(image, question, max_new_tokens=max_tokens)
+        job = TokenJob(gen, image, question, options)
         text = stream_text(job, stream)
     return Answer(
         text=text,
@@ -44,7 +45,6 @@ def answer(gen, image, question: str, *, max_tokens: int, stream=None) -> Answer
     )
 
 
-MAX_TOKENS = MAX_NEW_TOKENS
 
 
 def generator_with_sessions(folder, make_session):

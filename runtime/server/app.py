@@ -491,7 +491,7 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
                     state.gen,
                     image,
                     fields["question"],
-                    max_tokens=fields["max_tokens"],
+                    fields["options"],
                     stream=stream,
                 )
 

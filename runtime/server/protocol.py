@@ -19,6 +19,7 @@ import uuid
 from PIL import Image
 
 from runtime.errors import ResultError, UserError
+from runtime.understanding import AnswerParams
 
 MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_PIXELS = 64_000_000
@@ -212,6 +213,10 @@ def sse(data, event: str | None = None) -> bytes:
 
 
 # chat --------------------------------------------------------------------------------------
+def _or(value, default):
+    return default if value is None else value
+
+
 def chat_request(body: dict, *, model: str, allow_remote: bool) -> dict:
     """The one image and question of a chat request, and its decoding options."""
     check_model(body, model)
@@ -258,24 +263,27 @@ def chat_request(body: dict, *, model: str, allow_remote: bool) -> dict:
             f"this model answers about exactly one image; the message has {len(urls)}",
             param="messages",
         )
-    for name, greedy in (("temperature", (0,)), ("top_p", (1,)), ("n", (1,))):
-        value = body.get(name)
-        if value is not None and value not in greedy:
-            raise ApiError(
-                400,
-                f"{name} {value!r} is not supported: this runtime decodes greedily "
-                f"(use {greedy[0]} or leave it out)",
-                param=name,
-            )
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, f"n {body['n']!r} is not supported: one answer per request (use 1)",
+                       param="n")  # fmt: skip
     if body.get("stop") is not None:
         raise ApiError(400, "stop sequences are not supported", param="stop")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     stream_options = _get(body, "stream_options", (dict,), {})
+    try:  # the runtime's own checks, here so a bad value is a plain 400 even when streaming
+        options = AnswerParams(
+            max_new_tokens=DEFAULT_MAX_TOKENS if limit is None else limit,
+            temperature=_or(body.get("temperature"), 0.0),  # left out: greedy
+            top_p=_or(body.get("top_p"), 1.0),
+            seed=_or(body.get("seed"), 0),
+        ).validate()
+    except UserError as err:
+        raise api_error(err) from err
     return {
         "question": "\n".join(texts),
         "url": urls[0],
         "allow_remote": allow_remote,
-        "max_tokens": DEFAULT_MAX_TOKENS if limit is None else limit,
+        "options": options,
         "stream": _get(body, "stream", (bool,), False),
         "include_usage": bool(stream_options.get("include_usage")),
     }
