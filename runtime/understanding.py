@@ -192,6 +192,7 @@ class TokenJob:
         self.prompt_tokens = 0  # the chat prompt's length (image tokens included), at prefill
         self._position = 0  # cache rows filled = the next token's row
         self._pending: int | None = None  # sampled, not yet fed through decode
+        self._streamed = ""  # the text `next_text` has handed out
         gen._jobs.add(self)
 
     @property
@@ -224,6 +225,15 @@ class TokenJob:
                 self._finish("error")
                 raise
             return token
+
+    def next_text(self) -> str:
+        """`generate_next_token()`, then the text it added to the answer: "" while a character
+        is still incomplete, and at eos. What streaming hosts send."""
+        self.generate_next_token()
+        text = self.gen.prompts.decode(self.tokens) if self.tokens else ""
+        new = text[len(self._streamed) :] if len(text) > len(self._streamed) else ""
+        self._streamed = text
+        return new
 
     def append_tokens(self, ids) -> None:
         """Feed token ids after the answer so far (e.g. a follow-up turn); the next token is
@@ -335,15 +345,11 @@ class TokenJob:
 def stream_text(job: TokenJob, stream: Callable[[str], None] | None = None) -> str:
     """Run a token job to its end; `stream` receives the text as it grows. If anything raises
     (a stream callback that stops because its client went away), the job is cancelled."""
-    text = ""
     try:
         while not job.done:
-            job.generate_next_token()
-            if stream is not None and job.tokens:
-                new_text = job.gen.prompts.decode(job.tokens)
-                if len(new_text) > len(text):
-                    stream(new_text[len(text) :])
-                text = new_text
+            new = job.next_text()
+            if new and stream is not None:
+                stream(new)
     except BaseException:
         job.cancel()
         raise

@@ -115,3 +115,33 @@ def test_one_at_a_time(gen):
         assert engine.calls["dit"] == 3 * STEPS and engine.calls["vae_decoder"] == 3
     finally:
         engine.close()
+
+
+def test_a_chat_answer_interleaves_with_image_calls(gen):
+    """Each engine turn decodes one token of every answer, then makes one image call: an
+    answer finishes while a long image request runs, and equals `Generator.answer`."""
+    from runtime.server.engine import ChatTask
+    from runtime.understanding import AnswerParams
+    from tests.simulated_device import picture
+
+    events: list[tuple[str, str]] = []
+    image = gen.start("a red circle", seed=1, steps=20, decoder_steps=20)
+    chat = ChatTask(picture(), "Describe the image.", AnswerParams(max_new_tokens=6))
+    image_task = ImageTask(image)
+    image_task.on_event = lambda kind, t, payload: events.append(("image", kind))
+    chat.on_event = lambda kind, t, payload: events.append(("chat", kind))
+    engine = Engine(gen)
+    try:
+        engine.submit(image_task)
+        engine.submit(chat)
+        assert chat.wait(120) and image_task.wait(120)
+    finally:
+        engine.close()
+    assert chat.status == "succeeded" and image_task.status == "succeeded", chat.error
+    assert chat.result.text == gen.answer(picture(), "Describe the image.", max_new_tokens=6)
+    chat_done = events.index(("chat", "done"))
+    assert ("image", "progress") in events[:chat_done]  # image calls ran during the answer
+    assert events.index(("image", "done")) > chat_done  # and the answer did not wait for it
+    assert engine.calls["decode"] == chat.result.completion_tokens - 1 + (
+        chat.job.finish_reason == "eos"
+    )

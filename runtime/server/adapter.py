@@ -1,9 +1,8 @@
-"""The server's link to the runtime core, beyond `Generator.start` and `runtime.generation`'s
-`step_jobs` (the engine's one sampling loop):
+"""The server's link to the runtime core, beyond its jobs (`Generator.start` and
+`runtime.generation.step_jobs`, `runtime.understanding.TokenJob`):
 
 - `max_batch(gen)`: the rows one step-graph call takes.
-- `answer(...)`: image understanding as OpenAI reports it (usage counts, finish reason), from
-  the runtime's token job.
+- `answer_of(job)`: a finished token job as OpenAI reports it (usage counts, finish reason).
 - `generator_with_sessions(...)`: a Generator over someone else's sessions (Triton's BLS).
 """
 
@@ -12,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.manifest import graph_spec
-from runtime.understanding import AnswerParams, TokenJob, stream_text
+from runtime.understanding import TokenJob
 
 
 def max_batch(gen) -> int:
@@ -31,20 +30,14 @@ class Answer:
     finish_reason: str  # OpenAI's: "stop" (end of sequence) or "length" (max_tokens, context)
 
 
-def answer(gen, image, question: str, options: AnswerParams, stream=None) -> Answer:
-    """The answer about `image` (greedy unless `options.temperature` > 0) with usage counts;
-    `stream(text)` gets the text as it is decoded."""
-    with gen._lock:
-        job = TokenJob(gen, image, question, options)
-        text = stream_text(job, stream)
+def answer_of(job: TokenJob) -> Answer:
+    """A finished token job as OpenAI reports it: the text, usage counts, finish reason."""
     return Answer(
-        text=text,
+        text=job.text(),
         prompt_tokens=job.prompt_tokens,
         completion_tokens=len(job.tokens),
         finish_reason="stop" if job.finish_reason == "eos" else "length",  # length, cache_full
     )
-
-
 
 
 def generator_with_sessions(folder, make_session):

@@ -28,8 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.params import SETTINGS
-from runtime.server import adapter, protocol
-from runtime.server.engine import CallTask, Cancelled, Engine, EngineClosed, ImageTask, QueueFull
+from runtime.server import protocol
+from runtime.server.engine import Cancelled, ChatTask, Engine, EngineClosed, ImageTask, QueueFull
 from runtime.server.metrics import Metrics
 from runtime.server.protocol import ApiError
 
@@ -477,28 +477,9 @@ def create_app(config: ServerConfig, *, state: State | None = None, start: bool 
             image = await asyncio.to_thread(
                 protocol.load_image_url, fields["url"], allow_remote=fields["allow_remote"]
             )
-            loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
-            holder: dict = {}
-
-            def stream(text: str) -> None:
-                if holder["task"].cancel_requested:
-                    raise Cancelled("the client disconnected")
-                loop.call_soon_threadsafe(queue.put_nowait, ("text", text))
-
-            def work():
-                return adapter.answer(
-                    state.gen,
-                    image,
-                    fields["question"],
-                    fields["options"],
-                    stream=stream,
-                )
-
-            def done():
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-
-            task = holder["task"] = CallTask(work, on_done=done)
+            task = ChatTask(image, fields["question"], fields["options"])
+            task.on_event = _bridge(asyncio.get_running_loop(), queue)
             state.submit(task)
             created, cid = int(time.time()), protocol.new_id("chatcmpl")
             if fields["stream"]:

@@ -15,8 +15,9 @@ repeatedly picks the group holding the oldest running request and makes one sess
 
 Each call is the runtime's own `runtime.generation.step_jobs` over the group's `GenerationJob`s
 (the one sampling loop; a request alone is `step_jobs` over one job), timed per stage.
-Cancellation (a client gone, or the job API) is checked between calls. Chat requests run on the
-same thread, one whole answer per work item (see `adapter.answer`).
+Cancellation (a client gone, or the job API) is checked between calls. Chat requests are token
+jobs (`ChatTask`) on the same thread: each turn decodes one token of every running answer, then
+makes one image call, so an answer does not hold the image requests up (nor they it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from runtime import checks
 from runtime.generation import GenerationJob, preview, step_jobs, to_pil
 from runtime.server import adapter
+from runtime.understanding import AnswerParams, TokenJob
 
 log = logging.getLogger(__name__)
 _SEQ = itertools.count()
@@ -107,15 +109,23 @@ class ImageTask(_Waitable):
 
 
 @dataclass(eq=False)
-class CallTask(_Waitable):
-    """A unit of work run whole on the engine thread (a chat answer)."""
+class ChatTask(_Waitable):
+    """One chat answer: its `TokenJob` is opened on the engine thread and advanced one token per
+    turn, interleaved with the image requests' calls. Events: ("text", the new text) as it is
+    decoded, ("done", None); `result` is the `adapter.Answer` once succeeded."""
 
-    fn: Callable[[], object]
-    on_done: Callable[[], None] | None = None  # called on the thread once finished
+    image: object  # a PIL image
+    question: str
+    options: AnswerParams
+    on_event: Callable[[str, ChatTask, object], None] | None = None  # called on the thread
     seq: int = field(default_factory=lambda: next(_SEQ))
     status: str = "queued"
-    result: object = None
+    job: TokenJob | None = None
+    result: adapter.Answer | None = None
     error: BaseException | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
     cancel_requested: bool = False
     _done_event: threading.Event = field(default_factory=threading.Event)
 
@@ -192,17 +202,9 @@ class Engine:
                     self._queue.clear()
                     self._running.clear()
                     break
-                call = None
                 while self._queue and len(self._running) < self.max_running:
-                    head = self._queue.popleft()
-                    if isinstance(head, CallTask):
-                        call = head
-                        break
-                    self._running.append(head)
+                    self._running.append(self._queue.popleft())
                 self._gauges()
-            if call is not None:
-                self._run_call(call)
-                continue
             try:
                 self._step_once()
             except Exception:  # a bug in the engine itself: fail what is running, keep serving
@@ -212,42 +214,15 @@ class Engine:
         for task in pending:
             task.error = EngineClosed("the server shut down before this request finished")
             task.status = "cancelled"
-            if isinstance(task, CallTask):
-                self._call_done(task)
-            else:
-                task.job.cancel()
-                task._done_event.set()
-                self._emit("done", task, None)
-
-    def _run_call(self, call: CallTask) -> None:
-        if call.cancel_requested:
-            call.status = "cancelled"
-            self._count_cancel()
-        else:
-            call.status = "running"
-            try:
-                call.result = call.fn()
-                call.status = "succeeded"
-            except Cancelled as err:
-                call.error, call.status = err, "cancelled"
-                self._count_cancel()
-            except Exception as err:  # UserError and friends go back to the caller
-                call.error, call.status = err, "failed"
-        self._call_done(call)
-
-    def _call_done(self, call: CallTask) -> None:
-        call._done_event.set()
-        if call.on_done is not None:
-            try:
-                call.on_done()
-            except Exception:
-                log.exception("done callback failed")
+            _close_job(task)
+            task._done_event.set()
+            self._emit("done", task, None)
 
     def _count_cancel(self) -> None:
         if self.metrics is not None:
             self.metrics.cancels.inc()
 
-    def _finish(self, task: ImageTask, status: str, error: BaseException | None = None) -> None:
+    def _finish(self, task, status: str, error: BaseException | None = None) -> None:
         task.status, task.error, task.finished = status, error, time.time()
         if status == "cancelled":
             self._count_cancel()
@@ -255,8 +230,7 @@ class Engine:
             if task in self._running:
                 self._running.remove(task)
             self._gauges()
-        if not task.job.done:
-            task.job.cancel()  # nothing of it stays open
+        _close_job(task)  # nothing of it stays open
         task._done_event.set()
         self._emit("done", task, None)
 
@@ -281,20 +255,41 @@ class Engine:
     def _step_once(self) -> None:
         for task in [t for t in self._running if t.cancel_requested]:
             self._finish(task, "cancelled", Cancelled("cancelled"))
-        fresh = [t for t in self._running if t.status == "queued"]
+        for task in [t for t in self._running if isinstance(t, ChatTask)]:
+            self._answer_step(task)  # one token of every answer per turn
+        images = [t for t in self._running if isinstance(t, ImageTask)]
+        fresh = [t for t in images if t.status == "queued"]
         for task in fresh:  # all admitted prefills first, so a burst stays in step
             task.status, task.started = "running", time.time()
             self._run([task])
-        if fresh or not self._running:
+        if fresh or not images:
             return
-        oldest = min(self._running, key=lambda t: t.seq)
+        oldest = min(images, key=lambda t: t.seq)
         key = oldest.job.key()
         group, rows = [], 0
-        for task in sorted(self._running, key=lambda t: t.seq):
+        for task in sorted(images, key=lambda t: t.seq):
             if task.job.key() == key and rows + task.rows <= self.max_batch:
                 group.append(task)
                 rows += task.rows
         self._run(group)
+
+    def _answer_step(self, task: ChatTask) -> None:
+        """The next token of one answer (its first call runs the vision graph and prefill)."""
+        stage = "decode" if task.job is not None else "chat_prefill"
+        try:
+            with self.gen._lock:
+                if task.job is None:
+                    task.status, task.started = "running", time.time()
+                    task.job = TokenJob(self.gen, task.image, task.question, task.options)
+                text = self._timed(stage, 1, task.job.next_text)
+        except Exception as err:
+            self._finish(task, "failed", err)
+            return
+        if text:
+            self._emit("text", task, text)
+        if task.job.done:
+            task.result = adapter.answer_of(task.job)
+            self._finish(task, "succeeded")
 
     def _run(self, group: list[ImageTask]) -> None:
         """One session call for `group` (equal job keys), then each task's events."""
@@ -329,3 +324,10 @@ class Engine:
             for task, part in zip(partial, images):
                 index = sorted(task.partial_steps()).index(call)
                 self._emit("partial", task, (index, [to_pil(x) for x in part]))
+
+
+def _close_job(task) -> None:
+    """Cancel a finished task's runtime job unless it completed (a chat's may not exist yet)."""
+    job = task.job
+    if job is not None and not job.done:
+        job.cancel()
