@@ -264,8 +264,9 @@ def chat_request(body: dict, *, model: str, allow_remote: bool) -> dict:
             param="messages",
         )
     if body.get("n") not in (None, 1):
-        raise ApiError(400, f"n {body['n']!r} is not supported: one answer per request (use 1)",
-                       param="n")  # fmt: skip
+        raise ApiError(
+            400, f"n {body['n']!r} is not supported: one answer per request (use 1)", param="n"
+        )
     if body.get("stop") is not None:
         raise ApiError(400, "stop sequences are not supported", param="stop")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
