@@ -7,9 +7,9 @@ repeatedly picks the group holding the oldest running request and makes one sess
 
 - a group is the requests at the same call of the same sampler plan: `("dit", call, sampler,
   steps, guidance)`, `("unet", call, decoder_sampler, decoder_steps, decoder_guidance)` or
-  `("vae",)`; the step graphs take one timestep, one set of sampler coefficients and one
-  guidance per call (`[1]` inputs) and a dynamic `batch` axis, so only such requests can share a
-  call (each row carries its own multistep state);
+  `("vae_decoder",)` (`GenerationJob.key`); the step graphs take one timestep, one set of
+  sampler coefficients and one guidance per call (`[1]` inputs) and a dynamic `batch` axis, so
+  only such requests can share a call (each row carries its own multistep state);
 - its rows (a request of `n` images is `n` rows) are concatenated up to `max_batch` (the
   graphs' `batch` max), each with its own seeded noise, and split back after the call.
 
@@ -153,7 +153,7 @@ class Engine:
         self.max_queue = checks.integer("max_queue", max_queue, 0, 1 << 20)
         self.metrics = metrics
         self._queue: collections.deque = collections.deque()
-        self._running: list[ImageTask] = []
+        self._running: list[ImageTask | ChatTask] = []
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="blip3o-engine", daemon=True)
@@ -222,7 +222,9 @@ class Engine:
         if self.metrics is not None:
             self.metrics.cancels.inc()
 
-    def _finish(self, task, status: str, error: BaseException | None = None) -> None:
+    def _finish(
+        self, task: ImageTask | ChatTask, status: str, error: BaseException | None = None
+    ) -> None:
         task.status, task.error, task.finished = status, error, time.time()
         if status == "cancelled":
             self._count_cancel()
@@ -234,7 +236,7 @@ class Engine:
         task._done_event.set()
         self._emit("done", task, None)
 
-    def _emit(self, kind: str, task: ImageTask, payload) -> None:
+    def _emit(self, kind: str, task: ImageTask | ChatTask, payload) -> None:
         if task.on_event is not None:
             try:
                 task.on_event(kind, task, payload)
