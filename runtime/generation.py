@@ -25,7 +25,6 @@ from runtime import checks
 from runtime.params import GeneratorParams
 from runtime.samplers import decoder_plan, dit_feeds, flow_plan, unet_feeds
 
-STAGES = ("prefill", "dit", "unet", "vae_decoder")  # then "done"
 HINT = "lower the guidance scales or check the engine folder (python export/check.py)"
 
 
@@ -42,9 +41,7 @@ class GenerationJob:
     holds the DiT's (N, 64, C) float32 image features once the DiT stage is over. `template`:
     False feeds the prompt as raw text (the blank-prompt decoder negative)."""
 
-    def __init__(
-        self, gen, prompt: str, params: GeneratorParams, *, template: bool = True
-    ) -> None:
+    def __init__(self, gen, prompt: str, params: GeneratorParams, *, template: bool = True) -> None:
         if not params.is_resolved:
             raise ValueError(f"params must be resolved against the folder first, got {params}")
         self.gen = gen
@@ -65,7 +62,7 @@ class GenerationJob:
         self.stage, self.call = "prefill", 0
         self.error: BaseException | None = None  # why the job failed, once it did
         self.features: np.ndarray | None = None
-        self.latents = self.state = self.cond = self._features_in = None
+        self.latents = self.state = self.cond = self._features_in = self._negative_in = None
         self._images: list[Image.Image] | None = None
         self._open = True  # registered with the Generator from its first step on
 
@@ -111,7 +108,7 @@ class GenerationJob:
         self._close()
 
     def _close(self) -> None:
-        self.latents = self.state = self.cond = self._features_in = None
+        self.latents = self.state = self.cond = self._features_in = self._negative_in = None
         if self._open:
             self._open = False
             self.gen._job_finished(self)  # a finished or failed job holds no session open
@@ -123,7 +120,9 @@ def step_jobs(gen, jobs: list[GenerationJob]) -> str:
     `gen._lock`."""
     first = jobs[0]
     for job in jobs:
-        if job.done or job.error is not None or not job._open:
+        if job.error is not None:
+            raise RuntimeError(f"this generation failed: {job.error}")
+        if job.done or not job._open:
             raise RuntimeError("this generation is finished; call result()")
         if job.key() != first.key():
             raise ValueError(f"jobs at {job.key()} and {first.key()} cannot share a call")
@@ -141,9 +140,13 @@ def step_jobs(gen, jobs: list[GenerationJob]) -> str:
     return stage
 
 
-def preview(gen, jobs: list[GenerationJob]) -> list[np.ndarray]:
-    """(N, 3, H, W) float32 images of the jobs' current decoder latents (partial images)."""
-    return _decode(gen, jobs)
+def decode_latents(gen, jobs: list[GenerationJob]) -> list[np.ndarray]:
+    """(N, 3, H, W) float32 images of each job's current decoder latents: the last stage, and
+    the server's partial images."""
+    vae = gen.session("vae_decoder")
+    images = vae.run({"latents": _rows(vae, jobs, "latents")})["images"]
+    images = vae.to_host(images).astype(np.float32)  # (R, 3, H, W)
+    return np.split(images, _bounds(jobs))
 
 
 # the stages --------------------------------------------------------------------------------
@@ -189,10 +192,11 @@ def _dit(gen, jobs) -> None:
 
 def _unet(gen, jobs) -> None:
     first, unet = jobs[0], gen.session("unet_step")
-    negative = gen.negative_features().astype(gen.io_dtype)  # (1, 64, C)
+    if first._negative_in is None:  # read at its first UNet call (the DiT stage needs none)
+        first._negative_in = gen.negative_features().astype(gen.io_dtype)  # (1, 64, C)
     feeds = unet_feeds(
         first.decoder.calls[first.call], _rows(unet, jobs, "latents"), _rows(unet, jobs, "state"),
-        _rows(unet, jobs, "_features_in"), negative, first.params.decoder_guidance,
+        _rows(unet, jobs, "_features_in"), first._negative_in, first.params.decoder_guidance,
     )  # fmt: skip
     out = unet.run(feeds)
     _split(unet, jobs, latents=out["next_latents"], state=out["denoised"])
@@ -205,7 +209,7 @@ def _unet(gen, jobs) -> None:
 
 
 def _vae(gen, jobs) -> None:
-    for job, images in zip(jobs, _decode(gen, jobs)):
+    for job, images in zip(jobs, decode_latents(gen, jobs)):
         try:
             checks.finite("the decoded image", images, HINT)
         except Exception as err:
@@ -219,11 +223,9 @@ def _vae(gen, jobs) -> None:
 _STEPS = {"prefill": _prefill, "dit": _dit, "unet": _unet, "vae_decoder": _vae}
 
 
-def _decode(gen, jobs) -> list[np.ndarray]:
-    vae = gen.session("vae_decoder")
-    images = vae.run({"latents": _rows(vae, jobs, "latents")})["images"]
-    images = vae.to_host(images).astype(np.float32)  # (R, 3, H, W)
-    return np.split(images, np.cumsum([job.rows for job in jobs])[:-1])
+def _bounds(jobs) -> np.ndarray:
+    """Where each job's rows start in a batch, after the first's."""
+    return np.cumsum([job.rows for job in jobs])[:-1]
 
 
 def _rows(session, jobs, name: str):
@@ -240,9 +242,8 @@ def _split(session, jobs, **outputs) -> None:
         for name, value in outputs.items():
             setattr(jobs[0], name, value)
         return
-    bounds = np.cumsum([job.rows for job in jobs])[:-1]
     for name, value in outputs.items():
-        for job, part in zip(jobs, np.split(session.to_host(value), bounds)):
+        for job, part in zip(jobs, np.split(session.to_host(value), _bounds(jobs))):
             setattr(job, name, part)
 
 

@@ -159,6 +159,7 @@ class HostKVCache:
         self.keys = np.zeros(shape, dtype)  # (L, B, KV, C, D)
         self.values = np.zeros(shape, dtype)
         self.capacity, self._to_host = shape[3], to_host
+        self._feeds = cache_feeds(self.keys, self.values)  # fixed views: built once
 
     def write(self, start: int, keys, values) -> None:
         """Rows start.. of the cache from (L, B, KV, n, D) keys / values."""
@@ -168,10 +169,10 @@ class HostKVCache:
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The decode graph's per-layer cache inputs: views of this cache, no copy."""
-        return cache_feeds(self.keys, self.values)
+        return self._feeds
 
     def close(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self._feeds = None
 
 
 class TokenJob:
@@ -347,8 +348,9 @@ def stream_text(job: TokenJob, stream: Callable[[str], None] | None = None) -> s
     (a stream callback that stops because its client went away), the job is cancelled."""
     try:
         while not job.done:
-            new = job.next_text()
-            if new and stream is not None:
+            if stream is None:
+                job.generate_next_token()  # no text until the end: nothing decoded per token
+            elif new := job.next_text():
                 stream(new)
     except BaseException:
         job.cancel()

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime import checks
-from runtime.generation import GenerationJob, preview, step_jobs, to_pil
+from runtime.generation import GenerationJob, decode_latents, step_jobs, to_pil
 from runtime.server import adapter
 from runtime.understanding import AnswerParams, TokenJob
 
@@ -320,9 +320,8 @@ class Engine:
         if partial:  # previews: the current latents through the VAE, for those that asked
             jobs = [t.job for t in partial]
             with self.gen._lock:
-                images = self._timed(
-                    "vae_decoder", sum(t.rows for t in partial), lambda: preview(self.gen, jobs)
-                )
+                rows = sum(t.rows for t in partial)
+                images = self._timed("vae_decoder", rows, lambda: decode_latents(self.gen, jobs))
             for task, part in zip(partial, images):
                 index = sorted(task.partial_steps()).index(call)
                 self._emit("partial", task, (index, [to_pil(x) for x in part]))

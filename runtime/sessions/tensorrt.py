@@ -259,6 +259,7 @@ class DeviceKVCache:
             DeviceArray(b.ptr, tuple(shape), dtype, stream, b) for b in self._buffers
         )
         self.capacity = shape[3]
+        self._feeds = self._layer_views()  # fixed addresses: built once
 
     def write(self, start: int, keys, values) -> None:
         """Rows start..start+n of the cache from (L, B, KV, n, D) keys / values (device or host)."""
@@ -293,6 +294,9 @@ class DeviceKVCache:
     def feeds(self) -> dict[str, DeviceArray]:
         """The decode engine's per-layer cache inputs: (B, KV, C, D) views into this cache's
         buffers (layer i at offset i * layer bytes), bound by address, never copied."""
+        return self._feeds
+
+    def _layer_views(self) -> dict[str, DeviceArray]:
         layers = []
         for side in (self.keys, self.values):
             step, shape = side.nbytes // side.shape[0], side.shape[1:]
@@ -309,7 +313,7 @@ class DeviceKVCache:
         }
 
     def close(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self._feeds = None
         self._buffers = []
 
 
