@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks import roofline  # noqa: E402
 from runtime.generator import Generator  # noqa: E402
-from runtime.samplers import decoder_plan, flow_plan  # noqa: E402
+from runtime.jobs.samplers import decoder_plan, flow_plan  # noqa: E402
 from training.eval.geneval import TASKS, evaluate, make_prompts  # noqa: E402
 
 # (DiT sampler, DiT steps, decoder sampler, decoder steps); the default first

@@ -10,7 +10,7 @@ NextDiT), UNet step at CFG batch 2 on 128x128x4 latents and the VAE decode at 10
 layout-equivalent stand-ins of `gpu_models.py`: random weights, for latency), prefill of 128
 tokens (transformers' Qwen2.5-VL text decoder). Step graphs include CFG and the sampler update,
 as the exported `dit_step`/`unet_step` do (the coefficients of the config's samplers from
-`runtime.samplers`, Euler by default). Variants: eager fp16 and bf16; bf16 captured in a CUDA
+`runtime.jobs.samplers`, Euler by default). Variants: eager fp16 and bf16; bf16 captured in a CUDA
 graph; FP8 linears via `torch._scaled_mm` + CUDA graph (optional, Hopper/Ada only; convs stay
 bf16); `torch.compile` + CUDA graph (last, skipped when the budget runs short). FLOP/s use the
 counts of `roofline.py` against the card's dense peak and a measured 8192^3 bf16 matmul. Per
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from benchmarks import roofline  # noqa: E402
 from benchmarks.gpu_models import PROMPT_TOKENS, build, cast, fp8_linears  # noqa: E402
-from runtime.samplers import decoder_plan, flow_plan  # noqa: E402
+from runtime.jobs.samplers import decoder_plan, flow_plan  # noqa: E402
 from training.config import from_preset  # noqa: E402
 
 GRAPHS = ("prefill", "dit_step", "unet_step", "vae_decoder")

@@ -10,7 +10,7 @@ built from our `DecoderConfig`. The tests check that both have exactly diffusers
 and FLOPs (`roofline.py`) at the tiny preset. They are for timing, not for images.
 
 The step functions do what the exported `dit_step` / `unet_step` graphs do (their update fed a
-`runtime.samplers` plan's coefficients): CFG batch, model,
+`runtime.jobs.samplers` plan's coefficients): CFG batch, model,
 guidance and the Euler update. `fp8_linears` swaps a module's `nn.Linear`s for FP8 matmuls
 (`torch._scaled_mm`, e4m3, per-tensor scales: static for the weight, dynamic for the input)
 where the shapes fit.
@@ -299,7 +299,7 @@ def fp8_linears(module: nn.Module) -> int:
 # the four generation graphs at true shapes ------------------------------------------------------
 def dit_step(m, x, prev, t, c_velocity, c_prev, cond, guidance):
     """CFG batch [zeros, cond] + velocity + guidance + the samplers' linear update
-    (`runtime.samplers`, as the exported `dit_step`): x (1, C, 8, 8); returns the next x."""
+    (`runtime.jobs.samplers`, as the exported `dit_step`): x (1, C, 8, 8); returns the next x."""
     v_u, v_c = m(torch.cat([x, x]), t.expand(2), torch.cat([torch.zeros_like(cond), cond])).chunk(2)
     return x + c_velocity * (v_u + guidance * (v_c - v_u)) + c_prev * prev
 
@@ -307,7 +307,7 @@ def dit_step(m, x, prev, t, c_velocity, c_prev, cond, guidance):
 def unet_step(m, latents, prev, t, in_scale, c_sample, c_eps, c_prev, feats, text, time_ids,
               guidance):  # fmt: skip
     """Scale + CFG batch [cond, neg] + epsilon + guidance + the samplers' linear update
-    (`runtime.samplers`, as the exported `unet_step`): latents (1, 4, l, l)."""
+    (`runtime.jobs.samplers`, as the exported `unet_step`): latents (1, 4, l, l)."""
     x = torch.cat([latents, latents]) * in_scale
     e_c, e_n = m(x, t.expand(2), feats, text, time_ids).chunk(2)
     return c_sample * latents + c_eps * (e_n + guidance * (e_c - e_n)) + c_prev * prev

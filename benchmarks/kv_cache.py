@@ -41,8 +41,8 @@ def _timed_token(job) -> float:
 
 
 def measure(engines: Path, *, tokens: int = 48, threads: int | None = 1) -> dict:
+    from runtime.folder.manifest import graph_spec
     from runtime.generator import Generator
-    from runtime.manifest import graph_spec
 
     options = {"threads": threads} if threads else {}
     image = np.full((64, 64, 3), 255, np.uint8)

@@ -129,7 +129,7 @@ def open_reference(cfg: dict, log: CallLog):
     import torch
 
     from export.plan import random_pipeline
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
     from training.config import from_dict
 
     if cfg["threads"]:
@@ -258,7 +258,7 @@ def machine() -> dict:
 
 
 def configurations(folders: list[Path], reference: bool, device: str, threads) -> list[dict]:
-    from runtime.manifest import EngineFolderError, load_manifest
+    from runtime.folder.manifest import EngineFolderError, load_manifest
 
     configs, manifests = [], []
     for folder in folders:
@@ -307,7 +307,7 @@ def run_config(cfg: dict) -> dict:
 def benchmark(args: argparse.Namespace) -> dict:
     folders = [Path(f) for f in args.engines]
     configs = configurations(folders, args.reference, args.device, args.threads)
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     m = load_manifest(folders[0])
     settings = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps,

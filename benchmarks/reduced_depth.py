@@ -37,9 +37,9 @@ from export.onnx_export import call_graph, ort_session, run_ort, torch_feeds  # 
 from export.plan import BuildRequest, build  # noqa: E402
 from export.source import COMPONENTS, GRAPH_COMPONENT, Parts  # noqa: E402
 from export.wrappers import graph_module  # noqa: E402
-from runtime.graphs import RUNTIME_GRAPHS, graph_specs  # noqa: E402
-from runtime.manifest import load_manifest  # noqa: E402
-from runtime.spec import profile_sizes, sample_inputs  # noqa: E402
+from runtime.folder.graphs import RUNTIME_GRAPHS, graph_specs  # noqa: E402
+from runtime.folder.manifest import load_manifest  # noqa: E402
+from runtime.folder.spec import profile_sizes, sample_inputs  # noqa: E402
 from training.checkpoint import DECODER_DIR, load_model  # noqa: E402
 from training.config import reduced_depth  # noqa: E402
 from training.decoder_folder import load_decoder  # noqa: E402

@@ -33,8 +33,8 @@ from export.plan import (  # noqa: E402
     build,
 )
 from runtime.errors import UserError  # noqa: E402
-from runtime.graphs import GRAPHS, RUNTIME_GRAPHS  # noqa: E402
-from runtime.manifest_schema import DECODER_NEGATIVES  # noqa: E402
+from runtime.folder.graphs import GRAPHS, RUNTIME_GRAPHS  # noqa: E402
+from runtime.folder.schema import DECODER_NEGATIVES  # noqa: E402
 
 log = logging.getLogger("build_engines")
 

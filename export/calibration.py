@@ -3,7 +3,7 @@
 Post-training quantization is only as good as the activations it calibrates on. A diffusion
 model's activations change a lot over the trajectory (pure noise at sigma = 1, almost data at the
 end), so the feeds here are what the graphs receive while the runtime generates, for every prompt
-and every call: `runtime.generation`'s jobs (the only sampling loop there is) run over a
+and every call: `runtime.jobs.generation`'s jobs (the only sampling loop there is) run over a
 Generator whose sessions are the export wrappers over the PyTorch model
 (`export.model_sessions`), wrapped by a `Recorder` that keeps each feed dict. So the samplers,
 the CFG batches, the decoder negative (the folder's built file) and the noise convention are the
@@ -187,7 +187,7 @@ def collect_feed_sets(
                     records[name][graph] += list(enumerate(calls))
     finally:
         for _, job in jobs:
-            gen._job_finished(job)
+            job.cancel()  # stepped stage by stage, never to the end: nothing stays open
     for r in records.values():
         r["dit"] = [(i, dit_batch(f)) for i, f in r["dit_step"]]
         r["unet"] = [(i, unet_batch(f)) for i, f in r["unet_step"]]

@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from export.onnx_export import expected_output_shapes  # noqa: E402
-from runtime.manifest import EngineFolderError, graph_spec, read_manifest, verify_file  # noqa: E402
-from runtime.spec import profile_sizes, sample_inputs  # noqa: E402
+from runtime.folder.manifest import EngineFolderError, graph_spec, read_manifest, verify_file  # noqa: E402
+from runtime.folder.spec import profile_sizes, sample_inputs  # noqa: E402
 
 log = logging.getLogger("check")
 

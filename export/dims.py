@@ -1,8 +1,9 @@
-"""The plain graph dimensions of a model config (the bridge from `training` to `runtime.graphs`)."""
+"""The plain graph dimensions of a model config (the bridge from `training` to
+`runtime.folder.graphs`)."""
 
 from __future__ import annotations
 
-from runtime.graphs import GraphDims
+from runtime.folder.graphs import GraphDims
 from training.config import ModelConfig
 
 # Longest prefill / KV cache the profiles allow, per variant size class.

@@ -1,7 +1,7 @@
 """The runtime's own sampling loop over the PyTorch model: how the build samples anything.
 
 Where a build needs sampled data (the decoder negative of the `negative` stage, the calibration
-feeds of INT8/FP8 graphs) it runs `runtime.generation`'s loop, the one the runtime ships, not a
+feeds of INT8/FP8 graphs) it runs `runtime.jobs.generation`'s loop, the one the runtime ships, not a
 copy: a `runtime.Generator` whose sessions run each graph's export wrapper over the model
 (`ModelGraphs`). One component is in memory at a time (the text decoder for `prefill`, then the
 DiT, the UNet, the VAE): a session of another component frees the previous one, so a 4b build
@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from export.source import GRAPH_COMPONENT
 from export.torch_backend import to_host  # importing it registers the "torch" session backend
+from runtime.folder.spec import GraphSpec, spec_to_dict
 from runtime.sessions import open_session
-from runtime.spec import GraphSpec, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def calibration_generator(folder, manifest: dict, source, *, device: str = "cpu"
     Release the `ModelGraphs` when done."""
     from export.calibration import Recorder
     from export.dims import graph_dims
-    from runtime.graphs import graph_specs
+    from runtime.folder.graphs import graph_specs
 
     graphs = ModelGraphs(source, dtype="fp32", device=device)
     recorder = Recorder()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.spec import GraphSpec, numpy_dtype, profile_sizes, resolve_shape, sample_inputs
+from runtime.folder.spec import GraphSpec, numpy_dtype, profile_sizes, resolve_shape, sample_inputs
 
 log = logging.getLogger(__name__)
 

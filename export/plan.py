@@ -27,13 +27,13 @@ from export.stages import (
     remove_partials,
     tool_versions,
 )
-from runtime.compat import INSTALL_ORT
 from runtime.errors import UserError
-from runtime.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
-from runtime.hardware import PLANNING_SM, auto_precision, resolve_precision
-from runtime.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
-from runtime.manifest_schema import DECODER_NEGATIVES, SCHEMAS
-from runtime.spec import PRECISIONS
+from runtime.folder.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
+from runtime.folder.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
+from runtime.folder.schema import DECODER_NEGATIVES, SCHEMAS
+from runtime.folder.spec import PRECISIONS
+from runtime.machine.compat import INSTALL_ORT
+from runtime.machine.hardware import PLANNING_SM, auto_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 

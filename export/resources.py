@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.spec import GraphSpec, numpy_dtype, resolve_shape
+from runtime.folder.spec import GraphSpec, numpy_dtype, resolve_shape
 
 log = logging.getLogger(__name__)
 

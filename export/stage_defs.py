@@ -15,7 +15,7 @@ import numpy as np
 
 from export.stages import EngineFolder, Stage, exporter_source_hash
 from export.wrappers import graph_module
-from runtime.spec import io_dtype, spec_to_dict
+from runtime.folder.spec import io_dtype, spec_to_dict
 
 log = logging.getLogger(__name__)
 QUANTIZED = ("int8", "fp8")
@@ -150,7 +150,7 @@ class StageFactory:
     def _blank_prompt_features(self, engine: EngineFolder, dtype: str) -> np.ndarray:
         from export.model_sessions import ModelGraphs, host_entries, model_generator
         from export.source import calibration_device
-        from runtime.generation import blank_prompt_features
+        from runtime.jobs.generation import blank_prompt_features
 
         device = calibration_device(self.request.device)
         graphs = ModelGraphs(self.source, dtype=dtype, device=device)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.manifest import MANIFEST, UNVERIFIED, atomic_write_json, sha256_file
+from runtime.folder.manifest import MANIFEST, UNVERIFIED, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,21 @@ _MODEL_SOURCES = (
 )
 _SOURCE_DIRS = {
     "assets": (*_MODEL_SOURCES, "export/stage_defs.py"),
-    "export": (*_MODEL_SOURCES, "export/onnx_export.py", "export/wrappers", "runtime/spec.py"),
+    "export": (
+        *_MODEL_SOURCES,
+        "export/onnx_export.py",
+        "export/wrappers",
+        "runtime/folder/spec.py",
+    ),  # fmt: skip
     "negative": (
         *(*_MODEL_SOURCES, "export/wrappers", "export/model_sessions.py"),
-        *("runtime/generation.py", "runtime/generator.py", "runtime/text.py"),
-        *("runtime/schedule.py", "export/torch_backend.py"),
+        *("runtime/jobs/generation.py", "runtime/generator.py", "runtime/host/text.py"),
+        *("runtime/jobs/schedule.py", "export/torch_backend.py"),
     ),
     "quantize": (
         *_MODEL_SOURCES,
         *("export/quantize.py", "export/calibration.py", "export/onnx_export.py"),
-        *("runtime/schedule.py", "training/flow.py"),
+        *("runtime/jobs/schedule.py", "training/flow.py"),
     ),
 }
 _TOOLS = ("torch", "transformers", "diffusers", "onnx", "onnxscript", "onnxruntime")

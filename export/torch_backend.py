@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.manifest import EngineFolderError, load_manifest, rebuild_hint
+from runtime.folder.manifest import EngineFolderError, load_manifest, rebuild_hint
+from runtime.folder.spec import GraphSpec, check_feeds, io_dtype
 from runtime.sessions import register_backend
-from runtime.spec import GraphSpec, check_feeds, io_dtype
 
 _RANDOM = re.compile(r"^random-weights-seed-(\d+)$")
 _PIPELINES: dict[tuple[str, str, str], Any] = {}  # (folder, device, dtype) -> ReferencePipeline

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from export.trt_plan import EnginePlan
-from runtime.probe import tensorrt_version, visible_gpus
+from runtime.machine.probe import tensorrt_version, visible_gpus
 
 __all__ = ["build_engine", "compute_capability", "tensorrt_version"]
 
@@ -33,7 +33,8 @@ def _tensorrt():
 
 
 def compute_capability(device: int = 0) -> tuple[int, int] | None:
-    """(major, minor) of a GPU: torch.cuda when it sees one, else `runtime.probe`'s nvidia-smi
+    """(major, minor) of a GPU: torch.cuda when it sees one, else `runtime.machine.probe`'s
+    nvidia-smi
     or CUDA driver probe (the facts `runtime doctor` reports), else None."""
     try:
         import torch

@@ -5,12 +5,13 @@ it is unit-tested without TensorRT; `export.trt_build` only hands a plan to the 
 
 - Precision is one value. `auto` picks FP8 on SM >= 8.9, INT8 on Jetson Orin (SM 8.7, Ampere: no
   FP8) and FP16 elsewhere; an explicit request the GPU cannot run is an error saying what to use.
-  That decision and the GPU table live in `runtime.hardware`, shared with `runtime doctor`.
+  That decision and the GPU table live in `runtime.machine.hardware`, shared with `runtime doctor`.
 - Every network is built STRONGLY_TYPED: precision comes from the ONNX itself (an fp16/bf16 graph,
   or a Q/DQ INT8/FP8 graph), with norms, softmax and RoPE left in fp32 where the exporter put them.
   No FP16/BF16/INT8/FP8 builder flags are set (TensorRT rejects them on strongly typed networks),
   and a naive `--fp16` build is what wrecks the vision tower (cosine 0.14 vs 0.9997 typed).
-- Profiles are `runtime.spec.trt_profile(spec)`, never re-typed. CUDA graphs need static shapes:
+- Profiles are `runtime.folder.spec.trt_profile(spec)`, never re-typed. CUDA graphs need static
+  shapes:
   the step graphs have a dynamic `batch` (`cfg_batch` = 2 x batch for the CFG graphs), so
   `static_batch=B` pins those dims to min = opt = max = B (2B), which gives a static engine.
 - Engines do not survive a TensorRT or GPU-architecture change, so the file name carries precision,
@@ -26,7 +27,10 @@ import json
 import re
 from dataclasses import dataclass
 
-from runtime.hardware import (  # noqa: F401  (re-exported: the GPU table is plain data there)
+from runtime.folder.spec import PRECISIONS, Dim, GraphSpec, io_dtype, trt_profile
+
+# re-exported: the GPU table is plain data there
+from runtime.machine.hardware import (  # noqa: F401
     BF16_MIN_SM,
     FP8_MIN_SM,
     GPU,
@@ -37,8 +41,7 @@ from runtime.hardware import (  # noqa: F401  (re-exported: the GPU table is pla
     resolve_precision,
     supports,
 )
-from runtime.hardware import check_sm as _check_sm
-from runtime.spec import PRECISIONS, Dim, GraphSpec, io_dtype, trt_profile
+from runtime.machine.hardware import check_sm as _check_sm
 
 NETWORK_FLAGS = ("STRONGLY_TYPED",)
 BUILDER_FLAGS: tuple[str, ...] = ()  # precision flags are forbidden on strongly typed networks

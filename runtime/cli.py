@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from runtime import checks
+from runtime import validate
 from runtime.errors import ResultError, UserError
-from runtime.manifest import VERIFY_MODES
+from runtime.folder.manifest import VERIFY_MODES
 from runtime.params import add_arguments as add_params_arguments
 from runtime.params import from_arguments as params_from_arguments
 from runtime.sessions import BACKENDS
@@ -32,7 +32,7 @@ def _open(args):
     from runtime.generator import Generator
 
     if args.threads is not None:
-        checks.integer("--threads", args.threads, 1, 1024)
+        validate.integer("--threads", args.threads, 1, 1024)
     options = {"threads": args.threads} if args.threads and args.backend == "onnxruntime" else None
     return Generator.from_dir(
         args.engines,
@@ -140,8 +140,8 @@ def cmd_answer(args) -> int:
 def cmd_doctor(args) -> int:
     import json
 
-    from runtime.doctor import format_text, report
-    from runtime.probe import machine_facts
+    from runtime.machine.doctor import format_text, report
+    from runtime.machine.probe import machine_facts
 
     data = report(machine_facts(), args.engines)
     print(json.dumps(data, indent=2) if args.json else format_text(data))

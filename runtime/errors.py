@@ -20,3 +20,7 @@ class UserTypeError(UserError, TypeError):
 class ResultError(RuntimeError):
     """A result that is not a number (NaN or inf): never written out as if it were an image or
     an answer. The CLIs print it as one line and exit with status 1."""
+
+
+class Cancelled(RuntimeError):
+    """A job that was cancelled before it finished: its `result()` (and `step()`) raise this."""

@@ -1,9 +1,13 @@
-"""`GeneratorParams`: the sampling settings of a generation, one validated value.
+"""The sampling settings of a job, one validated value each: `GeneratorParams` (an image) and
+`AnswerParams` (an answer).
 
-After onnxruntime-genai's `GeneratorParams`: the Python API (`Generator.start` / `generate`),
-the CLI (its options are derived from the fields here) and the C++ header (`blip3o.hpp`'s
-`GeneratorParams` builds this object) all pass this one value, checked when it is made: a bad
-value is one `UserError` naming the field, the value and what is allowed.
+After onnxruntime-genai's `GeneratorParams`: the Python API (`Generator.start` / `generate` /
+`start_answer` / `answer`), the CLI (its options are derived from the fields here), the server
+(its request fields are read from them), Triton's inputs and the C++ header (`blip3o.hpp`'s
+`GeneratorParams` builds this object) all pass these values, checked when they are made: a bad
+value is one `UserError` naming the field, the value and what is allowed. Every edge derives its
+fields from the dataclasses' field metadata (`settings(cls)`), so a field added here appears
+everywhere (a test checks each edge).
 
     params = runtime.GeneratorParams(seed=3, steps=20)
     images = gen.generate("a red circle", params)
@@ -18,15 +22,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from runtime import checks
+from runtime import validate
 from runtime.errors import UserError, UserTypeError
-from runtime.samplers import DECODER_SAMPLERS, FLOW_SAMPLERS, check_sampler
+from runtime.folder.graphs import MAX_GUIDANCE
+from runtime.jobs.samplers import DECODER_SAMPLERS, FLOW_SAMPLERS, check_sampler
 
 MAX_STEPS = 1000
-# Classifier-free guidance past ~20 already saturates; 100 leaves room and refuses absurd
-# values (1e38 overflows the guided combine to inf and paints a black image).
-MAX_GUIDANCE = 100.0
 MAX_SEED = 2**63 - 1
+MAX_NEW_TOKENS = 1 << 16
+MAX_TEMPERATURE = 100.0
 
 
 def _setting(kind: type, low, high, help: str, default=None):
@@ -44,8 +48,40 @@ SAMPLER_FIELDS = (
 )  # fmt: skip
 
 
+class _Params:
+    """What both params objects share: checks at construction, `of`, the fields' metadata."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.default is None:
+                continue
+            if f.metadata["kind"] is str:
+                if not isinstance(value, str):
+                    raise UserTypeError(f"{f.name} must be a str, got {type(value).__name__}")
+                if f.metadata["choices"] is not None:
+                    check_sampler(f.name, value, f.metadata["choices"])
+                continue
+            low, high = f.metadata["range"]
+            check = validate.integer if f.metadata["kind"] is int else validate.number
+            object.__setattr__(self, f.name, check(f.name, value, low, high))  # numpy -> Python
+
+    @classmethod
+    def of(cls, params=None, **settings):
+        """`params` (default: all defaults) with keyword `settings` replacing its fields: how
+        `Generator.start(prompt, seed=..., steps=...)` turns keywords into params."""
+        if params is not None and not isinstance(params, cls):
+            raise UserTypeError(f"params must be a {cls.__name__}, got {type(params).__name__}")
+        unknown = sorted(set(settings) - set(settings_of(cls)))
+        if unknown:
+            raise UserError(
+                f"unknown {cls.__name__} setting(s) {unknown}; valid: {', '.join(settings_of(cls))}"
+            )
+        return dataclasses.replace(params or cls(), **settings)
+
+
 @dataclass(frozen=True)
-class GeneratorParams:
+class GeneratorParams(_Params):
     """Sampling settings; `None` means the engine folder's default (its manifest's sampler)."""
 
     seed: int = _setting(int, 0, MAX_SEED, "seed of the noise (DiT then decoder)", 0)
@@ -60,38 +96,11 @@ class GeneratorParams:
         None, "a named sampler preset of the engine folder (e.g. fast); set fields override it"
     )
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None and f.default is None:
-                continue
-            if f.metadata["kind"] is str:
-                if not isinstance(value, str):
-                    raise UserTypeError(f"{f.name} must be a str, got {type(value).__name__}")
-                if f.metadata["choices"] is not None:
-                    check_sampler(f.name, value, f.metadata["choices"])
-                continue
-            low, high = f.metadata["range"]
-            check = checks.integer if f.metadata["kind"] is int else checks.number
-            object.__setattr__(self, f.name, check(f.name, value, low, high))  # numpy -> Python
-
-    @classmethod
-    def of(cls, params: GeneratorParams | None = None, **settings) -> GeneratorParams:
-        """`params` (default: all defaults) with keyword `settings` replacing its fields: how
-        `Generator.start(prompt, seed=..., steps=...)` turns keywords into params."""
-        if params is not None and not isinstance(params, cls):
-            raise UserTypeError(f"params must be a GeneratorParams, got {type(params).__name__}")
-        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            valid = ", ".join(f.name for f in dataclasses.fields(cls))
-            raise UserError(f"unknown generation setting(s) {unknown}; valid: {valid}")
-        return dataclasses.replace(params or cls(), **settings)
-
     def resolved(self, sampler: dict, max_images: int, min_images: int = 1) -> GeneratorParams:
         """Every `None` filled from a manifest's `sampler` (through its `presets[preset]` first
         when a preset is named); `num_images` in [min_images, max_images] (the graphs' batch:
         a folder built with a static batch takes exactly that many)."""
-        checks.integer("num_images", self.num_images, min_images, max_images)
+        validate.integer("num_images", self.num_images, min_images, max_images)
         defaults = {k: sampler[k] for k in SAMPLER_FIELDS}
         if self.preset is not None:
             presets = sampler.get("presets") or {}
@@ -110,14 +119,38 @@ class GeneratorParams:
         return all(getattr(self, name) is not None for name in SAMPLER_FIELDS)
 
 
-# Every field, as the CLI, the server and the C++ header name them.
-SETTINGS = tuple(f.name for f in dataclasses.fields(GeneratorParams))
+@dataclass(frozen=True)
+class AnswerParams(_Params):
+    """Sampling options of a token job: greedy when `temperature` is 0 (the default)."""
+
+    max_new_tokens: int = _setting(int, 1, MAX_NEW_TOKENS, "most tokens to generate", 32)
+    temperature: float = _setting(
+        float, 0.0, MAX_TEMPERATURE, "softmax temperature; 0 is greedy", 0.0
+    )
+    top_p: float = _setting(float, 0.0, 1.0, "nucleus mass kept when sampling", 1.0)
+    seed: int = _setting(int, 0, MAX_SEED, "seed of the token sampler", 0)
 
 
-def add_arguments(parser) -> None:
+def settings_of(cls) -> tuple[str, ...]:
+    """Every field of a params class, as the CLI, the server, Triton and C++ name them."""
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+# Every field of GeneratorParams, as the CLI, the server and the C++ header name them.
+SETTINGS = settings_of(GeneratorParams)
+
+
+def field_info(cls) -> dict[str, dict]:
+    """Each field's kind, default, range or choices and help: what the edges (server schema,
+    Triton inputs, CLI) derive their fields from."""
+    return {f.name: {"default": f.default, **f.metadata} for f in dataclasses.fields(cls)}
+
+
+def add_arguments(parser, cls=GeneratorParams, *, ranges: dict | None = None) -> None:
     """One `--option` per field (`decoder_steps` -> `--decoder-steps`), typed and ranged by the
-    dataclass: the CLI lists no setting of its own."""
-    for f in dataclasses.fields(GeneratorParams):
+    dataclass: the CLI lists no setting of its own. `ranges` overrides a field's shown range
+    (e.g. `num_images` from the engine folder's batch)."""
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.metadata["kind"] is str:
             choices = f.metadata["choices"]
@@ -129,7 +162,7 @@ def add_arguments(parser) -> None:
                 help=f"{f.metadata['help']}, {shown} (default: the engine folder's)",
             )
             continue
-        low, high = f.metadata["range"]
+        low, high = (ranges or {}).get(f.name, f.metadata["range"])
         default = "the engine folder's" if f.default is None else f.default
         parser.add_argument(
             flag,
@@ -139,8 +172,6 @@ def add_arguments(parser) -> None:
         )
 
 
-def from_arguments(args) -> GeneratorParams:
+def from_arguments(args, cls=GeneratorParams):
     """The params of parsed arguments (`add_arguments`); validated here, once."""
-    return GeneratorParams(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(GeneratorParams)}
-    )
+    return cls(**{name: getattr(args, name) for name in settings_of(cls)})

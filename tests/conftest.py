@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.graphs import RUNTIME_GRAPHS
+from runtime.folder.graphs import RUNTIME_GRAPHS
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def tiny_engine_dir():
 def tiny_reference(tiny_engine_dir):
     """The PyTorch reference pipeline with the same weights as `tiny_engine_dir`."""
     from export.plan import random_pipeline
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
     from training.checkpoint import load_pipeline
     from training.config import from_dict
 

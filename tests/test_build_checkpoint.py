@@ -122,7 +122,7 @@ def test_calibration_runs_phase_by_phase_on_the_builds_device(copy, tmp_path, mo
     from export.source import CALIBRATION_PHASES
     from export.stage_defs import StageFactory
     from export.stages import EngineFolder, tool_versions
-    from runtime.graphs import graph_specs
+    from runtime.folder.graphs import graph_specs
 
     asked = []
     monkeypatch.setattr(source_module, "calibration_device", lambda r: asked.append(r) or "cpu")

@@ -8,9 +8,9 @@ import pytest
 
 from export import build_engines, check
 from export.plan import BuildError, BuildRequest, build
-from runtime.graphs import RUNTIME_GRAPHS
-from runtime.manifest import load_manifest, sha256_file
-from runtime.spec import spec_from_dict
+from runtime.folder.graphs import RUNTIME_GRAPHS
+from runtime.folder.manifest import load_manifest, sha256_file
+from runtime.folder.spec import spec_from_dict
 
 
 def test_manifest_describes_the_folder(tiny_engine_dir):

@@ -20,8 +20,8 @@ from export.dims import graph_dims
 from export.plan import BuildError, BuildRequest, output_folder
 from export.stage_defs import StageFactory
 from export.stages import REPO, EngineFolder
-from runtime.graphs import graph_specs
-from runtime.manifest import atomic_write_json
+from runtime.folder.graphs import graph_specs
+from runtime.folder.manifest import atomic_write_json
 
 SHA = "ab" * 32
 VERSIONS = {"nvidia-modelopt": "0.47", "onnxruntime": "1.32", "onnx": "1.23"}

@@ -1,6 +1,7 @@
 """`runtime doctor`: verdicts for engine folders across backends, precisions and GPUs.
 
-Machines are faked as `runtime.probe.Facts` (the data the runtime and the exporter decide from);
+Machines are faked as `runtime.machine.probe.Facts` (the data the runtime and the exporter decide
+from);
 engine folders are hand-written manifests with empty files, so no graph is exported here.
 """
 
@@ -10,10 +11,10 @@ import json
 
 import pytest
 
-from runtime import compat, probe
-from runtime.doctor import build_choices, format_text, report
-from runtime.manifest import rebuild_hint
-from runtime.probe import Facts, Gpu, OrtFacts
+from runtime.folder.manifest import rebuild_hint
+from runtime.machine import compat, probe
+from runtime.machine.doctor import build_choices, format_text, report
+from runtime.machine.probe import Facts, Gpu, OrtFacts
 
 GRAPHS = ("vision", "prefill", "decode", "dit_step", "unet_step", "vae_decoder")
 CPU_ORT = OrtFacts((("onnxruntime", "1.32.0"),), "1.32.0", ("CPUExecutionProvider",))

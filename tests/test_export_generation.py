@@ -1,6 +1,6 @@
 """Generation graphs in ONNX Runtime against the PyTorch reference, at untraced shapes.
 
-The fused step graphs, fed each sampler's plan (runtime.samplers), are compared with the
+The fused step graphs, fed each sampler's plan (runtime.jobs.samplers), are compared with the
 reference samplers (training.flow's CFG + Euler / Heun for the DiT; diffusers' EulerDiscrete and
 DPMSolverMultistep schedulers for the UNet, step by step), not with their wrappers.
 Tolerances: atol 1e-4 + rtol 1e-4 on fp32 outputs of magnitude ~1-10.
@@ -23,9 +23,9 @@ from export.onnx_export import (
 )
 from export.plan import random_pipeline
 from export.stage_defs import graph_module
-from runtime import samplers
-from runtime.graphs import graph_specs
-from runtime.spec import check_feeds, sample_inputs
+from runtime.folder.graphs import graph_specs
+from runtime.folder.spec import check_feeds, sample_inputs
+from runtime.jobs import samplers
 from training import flow
 from training.config import from_preset
 from training.model.decoder import DECODER_SAMPLERS

@@ -29,9 +29,9 @@ from export.onnx_export import (
     trace_sizes,
 )
 from export.wrappers.text import DecodeGraph, PrefillGraph
-from runtime.graphs import cache_feeds, cache_names, graph_specs
-from runtime.mrope import rope_index
-from runtime.spec import check_feeds
+from runtime.folder.graphs import cache_feeds, cache_names, graph_specs
+from runtime.folder.spec import check_feeds
+from runtime.host.mrope import rope_index
 from training.config import from_preset
 from training.model.blip3o import BLIP3o
 
@@ -201,7 +201,7 @@ def test_decode_reads_only_the_rows_before_cache_position(text):
 def mrope_positions(cfg, batch: int, kind: str) -> np.ndarray:
     """(3, B, 14) int64 position ids whose 3 rows differ.
 
-    rope_index: `runtime.mrope` ids of [text, vision_start, 6 image tokens (merged grid 2x3),
+    rope_index: `runtime.host.mrope` ids of [text, vision_start, 6 image tokens (merged grid 2x3),
     vision_end, text]; spread: three unrelated rows spanning the position range.
     """
     b = cfg.backbone

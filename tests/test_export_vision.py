@@ -1,4 +1,5 @@
-"""The `vision` graph: host feeds (runtime.vision_feeds), the export wrapper against transformers'
+"""The `vision` graph: host feeds (runtime.host.vision_feeds), the export wrapper against
+transformers'
 own tower forward, and the exported ONNX graph in ONNX Runtime at grids other than the traced one.
 
 Tiny preset: patch 4, merge 2, window 32 px (4 x 4 merged tokens), profile 64..1024 patches.
@@ -27,11 +28,11 @@ from export.onnx_export import (
     trace_sizes,
 )
 from export.wrappers.vision import VisionGraph
-from runtime.graphs import graph_specs
-from runtime.image_preprocess import preprocess_image
-from runtime.spec import check_feeds
-from runtime.vision_feeds import vision_feeds
-from runtime.vision_grid import block_diagonal_mask, cu_seqlens, window_index
+from runtime.folder.graphs import graph_specs
+from runtime.folder.spec import check_feeds
+from runtime.host.image_preprocess import preprocess_image
+from runtime.host.vision_feeds import vision_feeds
+from runtime.host.vision_grid import block_diagonal_mask, cu_seqlens, window_index
 
 pytestmark = pytest.mark.slow  # exports graphs
 
@@ -183,7 +184,10 @@ def test_vision_feeds_rejects_mismatched_pixels(tiny) -> None:
 
 def test_vision_feeds_imports_no_torch() -> None:
     forbidden = ("torch", "transformers", "diffusers")
-    code = f"import sys, runtime.vision_feeds; sys.exit(any(m in sys.modules for m in {forbidden}))"
+    code = (
+        "import sys, runtime.host.vision_feeds; "
+        f"sys.exit(any(m in sys.modules for m in {forbidden}))"
+    )
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
     )

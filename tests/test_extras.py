@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.probe import ORT_DISTRIBUTIONS
+from runtime.machine.probe import ORT_DISTRIBUTIONS
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 Requirement = pytest.importorskip("packaging.requirements").Requirement

@@ -25,11 +25,8 @@ def sources(package: str):
 
 
 def test_runtime_imports_nothing_of_ours_and_no_torch():
-    # the optional PyTorch session backend is the documented exception
-    exempt = {REPO / "runtime" / "sessions" / "torch.py"}
+    # the PyTorch session backend lives in export/ (export.torch_backend) and registers itself
     for path in sources("runtime"):
-        if path in exempt:
-            continue
         for name in imports_of(path):
             top = name.split(".")[0]
             assert top not in HEAVY | {"training", "export"}, f"{path}: imports {name}"
@@ -41,21 +38,15 @@ def test_training_imports_neither_export_nor_runtime():
             assert name.split(".")[0] not in {"export", "runtime"}, f"{path}: imports {name}"
 
 
-def test_export_uses_only_runtime_plain_data():
-    # specs, graphs and manifest are the contract; the schedules are the ones the runtime feeds;
-    # errors, hardware (precision per GPU), probe (machine facts) and compat (install rules) are
-    # the plain-data decisions the exporter shares with `runtime doctor`
-    allowed = {"runtime.spec", "runtime.graphs", "runtime.manifest", "runtime.schedule"}
-    allowed |= {"runtime.samplers"}  # the sampler plans the step graphs are fed
-    allowed |= {"runtime.errors", "runtime.hardware", "runtime.probe", "runtime.compat"}
-    allowed |= {"runtime.manifest_schema"}  # the manifest's schema, with the manifest
-    # the build samples (decoder negative, calibration feeds) with the runtime's own loop over
-    # torch sessions it registers: the runtime's Generator and session registry, no copy
-    allowed |= {"runtime.generator", "runtime.generation", "runtime.sessions"}
+def test_export_uses_the_runtime_core_not_its_edges():
+    # the exporter shares the runtime's contract (runtime.folder), its loop and sampler plans
+    # (runtime.jobs, runtime.generator, runtime.sessions: the build samples the decoder negative
+    # and records calibration feeds with the runtime's own loop) and its machine rules
+    # (runtime.machine); never its edges: the CLI and the server
+    edges = ("runtime.cli", "runtime.server", "runtime.__main__")
     for path in sources("export"):
         for name in imports_of(path):
-            if name.split(".")[0] == "runtime":
-                assert name in allowed, f"{path}: imports {name}"
+            assert not name.startswith(edges), f"{path}: imports {name}"
 
 
 @pytest.mark.parametrize("package", ["runtime", "export", "training"])
@@ -74,3 +65,58 @@ def test_runtime_exports_generator_lazily():
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, function-local imports included (a cycle
+    made legal by a local import is still a cycle)."""
+    modules = {module_name(p): p for p in sources(package)}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for imported in imports_of(path):
+            # `from pkg import mod` names a module too
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                deps.add(imported)
+        graph[name] = deps - {package}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return stack[stack.index(dep) :] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("package", ["runtime", "export"])
+def test_no_import_cycles(package):
+    cycle = find_cycle(import_graph(package))
+    assert cycle is None, f"{package} imports in a circle: {' -> '.join(cycle)}"

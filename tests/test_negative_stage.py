@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from export.plan import BuildRequest, build, random_pipeline
+from runtime.folder.manifest import UNVERIFIED, sha256_file
 from runtime.generator import Generator
-from runtime.manifest import UNVERIFIED, sha256_file
 from training.config import from_preset
 
 pytestmark = pytest.mark.slow  # builds engine folders
@@ -51,7 +51,7 @@ def test_blank_prompt_negative_equals_the_reference_and_is_listed(tmp_path):
 
 def test_opening_a_folder_never_computes_or_writes_the_negative(tmp_path, monkeypatch):
     folder = _build(tmp_path / "z", None)  # tiny's own setting: zeros
-    import runtime.generation as generation
+    import runtime.jobs.generation as generation
 
     fail = lambda *a, **k: pytest.fail("the runtime sampled the negative")  # noqa: E731
     monkeypatch.setattr(generation, "blank_prompt_features", fail)
@@ -60,5 +60,6 @@ def test_opening_a_folder_never_computes_or_writes_the_negative(tmp_path, monkey
     assert not (folder / UNVERIFIED).exists()
     before = sorted(p.name for p in folder.iterdir())
     assert gen.manifest["sampler"]["decoder_negative"] == "zeros"
-    assert gen.negative_features().shape == (1, 64, 32) and not gen.negative_features().any()
+    negative = gen.folder.negative_features
+    assert negative.shape == (1, 64, 32) and not negative.any()
     assert sorted(p.name for p in folder.iterdir()) == before

@@ -22,9 +22,9 @@ from export.dims import graph_dims
 from export.onnx_export import call_graph, ort_session, run_ort, torch_feeds
 from export.plan import BuildRequest, build
 from export.wrappers import graph_module
-from runtime.graphs import RUNTIME_GRAPHS, graph_specs
-from runtime.manifest import load_manifest
-from runtime.spec import sample_inputs
+from runtime.folder.graphs import RUNTIME_GRAPHS, graph_specs
+from runtime.folder.manifest import load_manifest
+from runtime.folder.spec import sample_inputs
 from training.checkpoint import load_model, load_pipeline
 from training.config import reduced_depth
 from training.model.blip3o import BLIP3o

@@ -20,9 +20,9 @@ from export import quantize as q
 from export.calibration import collect_feed_sets, default_prompts, load_prompts
 from export.dims import graph_dims
 from export.onnx_export import ort_session, run_ort
-from runtime.graphs import graph_specs
-from runtime.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
-from runtime.spec import check_feeds
+from runtime.folder.graphs import graph_specs
+from runtime.folder.spec import check_feeds
+from runtime.jobs.schedule import euler_discrete_schedule, flow_sigmas, flow_timesteps
 from training.config import from_preset
 
 STEPS = 4
@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     from export.model_sessions import calibration_generator
     from export.plan import BuildRequest, build
     from export.source import ModelSource
-    from runtime.manifest import load_manifest
+    from runtime.folder.manifest import load_manifest
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is as fast and immune to a busy machine

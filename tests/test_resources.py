@@ -8,7 +8,7 @@ import pytest
 from export import resources as r
 from export.dims import graph_dims
 from export.source import COMPONENTS, GRAPH_COMPONENT
-from runtime.graphs import graph_specs
+from runtime.folder.graphs import graph_specs
 from training.config import from_preset
 
 GB = r.GB

@@ -139,7 +139,8 @@ def test_doctor_judges_a_built_folder(tiny_engine_dir, tmp_path):
 def test_without_onnxruntime_generate_fails_in_one_line_naming_the_extras(
     tiny_engine_dir, monkeypatch, capsys
 ):
-    from runtime import cli, probe
+    from runtime import cli
+    from runtime.machine import probe
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails, as when absent
     monkeypatch.setattr(probe, "_version", lambda dist: None)  # and no distribution installed
@@ -150,4 +151,4 @@ def test_without_onnxruntime_generate_fails_in_one_line_naming_the_extras(
     monkeypatch.delitem(sys.modules, "runtime.sessions.onnxruntime", raising=False)
     with pytest.raises(UserError, match=r"needs ONNX Runtime.*blip3o-edge\[cpu\]"):
         importlib.import_module("runtime.sessions.onnxruntime")
-    assert importlib.import_module("runtime.doctor")  # doctor itself needs no onnxruntime
+    assert importlib.import_module("runtime.machine.doctor")  # doctor itself needs no onnxruntime

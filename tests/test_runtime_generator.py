@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.folder.manifest import UNVERIFIED, EngineFolderError
 from runtime.generator import Generator
-from runtime.manifest import UNVERIFIED, EngineFolderError
 
 FAST = dict(steps=4, decoder_steps=5)
 
@@ -57,7 +57,7 @@ def test_a_preset_and_its_settings_give_the_same_image(gen):
     assert {k: getattr(job.params, k) for k in fast} == fast
     dit = 2 * job.params.steps - 1 if job.params.sampler == "heun" else job.params.steps
     assert job.total == 1 + dit + job.params.decoder_steps + 1
-    gen._job_finished(job)
+    job.cancel()
     a = gen.generate("a red circle", seed=1, preset="fast", decoder_steps=3)[0]
     b = gen.generate("a red circle", seed=1, **{**fast, "decoder_steps": 3})[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -68,8 +68,8 @@ def test_negative_features_are_the_built_file_and_match_reference(gen, tiny_refe
     assert gen.manifest["sampler"]["decoder_negative"] == "zeros"
     assert tiny_reference.config.sampler.decoder_negative == "zeros"
     entry = gen.manifest["host"]["negative_features"]
-    ours = gen.negative_features()
-    np.testing.assert_array_equal(ours, np.load(gen.folder / entry["file"]))
+    ours = gen.folder.negative_features
+    np.testing.assert_array_equal(ours, np.load(gen.folder.path / entry["file"]))
     np.testing.assert_allclose(ours, tiny_reference.negative_features().numpy(), atol=1e-4)
 
 
@@ -259,7 +259,8 @@ def test_jobs_stepped_from_threads_are_serialized(gen):
 def test_device_follows_the_backend_and_bf16_feeds_are_bfloat16():
     import ml_dtypes
 
-    from runtime.generator import default_device, host_io_dtype
+    from runtime.folder.engine_folder import host_io_dtype
+    from runtime.generator import default_device
 
     assert default_device("tensorrt") == "cuda" and default_device("onnxruntime") == "cpu"
     assert host_io_dtype("bf16") == np.dtype(ml_dtypes.bfloat16)  # was astype(None): float64

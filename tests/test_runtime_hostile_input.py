@@ -19,9 +19,9 @@ from PIL import Image
 
 from runtime.cli import main
 from runtime.errors import ResultError, UserError
+from runtime.folder.manifest import EngineFolderError, read_manifest, sha256_file
 from runtime.generator import Generator
-from runtime.manifest import EngineFolderError, read_manifest, sha256_file
-from runtime.understanding import load_image
+from runtime.host.image import load_image
 
 FAST = dict(steps=2, decoder_steps=2)
 
@@ -179,7 +179,7 @@ def test_a_corrupt_negative_is_refused_never_rewritten(folder_copy):
     )  # fmt: skip
     with Generator.from_dir(folder_copy) as g:
         with pytest.raises(EngineFolderError, match=r"holds \(1, 64, 7\) features.*--force"):
-            g.negative_features()
+            g.folder.negative_features  # noqa: B018
 
 
 # ---- the CLI -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""runtime.image_preprocess against transformers' PIL-backend Qwen2-VL image processor."""
+"""runtime.host.image_preprocess against transformers' PIL-backend Qwen2-VL image processor."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_pil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from runtime import image_preprocess
-from runtime.image_preprocess import preprocess_image, smart_resize
+from runtime.host import image_preprocess
+from runtime.host.image_preprocess import preprocess_image, smart_resize
 
 TINY_PATCHES = dict(patch_size=8, merge_size=2, min_pixels=16 * 16, max_pixels=64 * 64)
 
@@ -145,7 +145,7 @@ def test_preprocess_rejects_bad_arrays() -> None:
 
 def test_module_imports_no_torch() -> None:
     forbidden = ("torch", "transformers", "diffusers")
-    module = "runtime.image_preprocess"
+    module = "runtime.host.image_preprocess"
     code = f"import sys, {module}; sys.exit(any(m in sys.modules for m in {forbidden}))"
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.manifest import EngineFolderError, load_manifest, read_manifest
-from runtime.manifest_schema import SCHEMA
+from runtime.folder.manifest import EngineFolderError, load_manifest, read_manifest
+from runtime.folder.schema import SCHEMA
 
 
 @pytest.fixture(scope="module")

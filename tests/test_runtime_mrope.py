@@ -1,4 +1,4 @@
-"""runtime.mrope against transformers' Qwen2_5_VLModel.get_rope_index (tiny random model)."""
+"""runtime.host.mrope against transformers' Qwen2_5_VLModel.get_rope_index (tiny random model)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from runtime.mrope import decode_position_ids, rope_index
+from runtime.host.mrope import decode_position_ids, rope_index
 
 IMAGE, VIDEO, START, END, PAD = 90, 91, 92, 93, 0
 MERGE = 2
@@ -222,7 +222,7 @@ def test_decode_position_ids_errors() -> None:
 
 def test_module_imports_no_torch() -> None:
     forbidden = ("torch", "transformers", "diffusers")
-    code = f"import sys, runtime.mrope; sys.exit(any(m in sys.modules for m in {forbidden}))"
+    code = f"import sys, runtime.host.mrope; sys.exit(any(m in sys.modules for m in {forbidden}))"
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
     )

@@ -1,4 +1,4 @@
-"""runtime.schedule against diffusers' FlowMatchEulerDiscrete and EulerDiscrete schedulers."""
+"""runtime.jobs.schedule against diffusers' FlowMatchEulerDiscrete and EulerDiscrete schedulers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-from runtime.schedule import (
+from runtime.jobs.schedule import (
     cfg_combine,
     euler_discrete_schedule,
     euler_discrete_step,
@@ -169,7 +169,9 @@ def test_euler_schedule_rejects_bad_config(kwargs: dict, match: str) -> None:
 
 def test_module_imports_no_torch() -> None:
     forbidden = ("torch", "transformers", "diffusers")
-    code = f"import sys, runtime.schedule; sys.exit(any(m in sys.modules for m in {forbidden}))"
+    code = (
+        f"import sys, runtime.jobs.schedule; sys.exit(any(m in sys.modules for m in {forbidden}))"
+    )
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
     )

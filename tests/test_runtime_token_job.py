@@ -6,10 +6,12 @@ import copy
 import numpy as np
 import pytest
 
-from runtime.errors import UserError
+from runtime.errors import Cancelled, UserError
+from runtime.folder.engine_folder import EngineFolder
+from runtime.folder.graphs import cache_feeds
 from runtime.generator import Generator
-from runtime.graphs import cache_feeds
-from runtime.understanding import AnswerParams, sample_token, stream_text
+from runtime.jobs.answer import sample_token, stream_text
+from runtime.params import AnswerParams
 from tests.simulated_device import picture
 
 QUESTION = "Describe the image."
@@ -43,15 +45,17 @@ def test_job_equals_answer_and_stops_on_length(gen):
 def test_a_stream_that_raises_cancels_its_job(gen):
     """A stream callback that stops (its client went away) leaves no job open behind it."""
     job = gen.start_answer(picture(), QUESTION, max_new_tokens=7)
-    jobs_before = len(gen._jobs)
+    closed = []
+    gen.close_job = closed.append  # the Generator hears of the job's end
 
     def gone(_text):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         stream_text(job, gone)
-    assert job.finish_reason == "cancelled" and job.capacity == 0  # its cache is freed
-    assert len(gen._jobs) == jobs_before - 1
+    del gen.close_job
+    assert job.cancelled and job.done and job.capacity == 0  # its cache is freed
+    assert closed == [job]
     assert job.prompt_tokens > 0 and len(job.tokens) >= 1
 
 
@@ -59,9 +63,11 @@ def test_finish_reason_eos(tiny_engine_dir, gen):
     first = gen.start_answer(picture(), QUESTION, max_new_tokens=3)
     token = first.generate_next_token()
     first.cancel()
-    assert first.finish_reason == "cancelled"
+    assert first.cancelled and first.done and first.finish_reason is None
+    with pytest.raises(Cancelled, match="this answer was cancelled"):
+        first.result()
     with Generator.from_dir(tiny_engine_dir, verify=False) as g:
-        g.config = copy.deepcopy(g.config)
+        g.folder.config = copy.deepcopy(g.folder.config)
         g.config["backbone"]["eos_token_id"] = token  # the first greedy token ends the answer
         job = g.start_answer(picture(), QUESTION, max_new_tokens=3)
         assert run_job(job) == [token]
@@ -73,16 +79,19 @@ def test_finish_reason_cache_full_keeps_the_same_tokens(tiny_engine_dir):
     after 4 tokens (the prefill's, then one per free row), equal to a long answer's first 4
     (eos is disabled so the tiny model's short answers do not end first)."""
     with Generator.from_dir(tiny_engine_dir, verify=False) as g:
-        g.config = copy.deepcopy(g.config)
+        g.folder.config = copy.deepcopy(g.folder.config)
         g.config["backbone"]["eos_token_id"] = -1
         probe = g.start_answer(picture(), QUESTION, max_new_tokens=12)
         long_ids = run_job(probe)
         assert probe.finish_reason == "length" and len(long_ids) == 12
         rows = probe._position - 11  # the prompt's rows
-        g.manifest = copy.deepcopy(g.manifest)
-        for d in g.manifest["graphs"]["decode"]["spec"]["dims"]:
+        manifest = copy.deepcopy(g.manifest)
+        for d in manifest["graphs"]["decode"]["spec"]["dims"]:
             if d["name"] == "capacity":
                 d["max"] = d["opt"] = rows + 3
+        config = g.config
+        g.folder = EngineFolder(g.folder.path, manifest)
+        g.folder.config = config
         job = g.start_answer(picture(), QUESTION, max_new_tokens=12)
         assert run_job(job) == long_ids[:4]
         assert job.finish_reason == "cache_full" and job.capacity == 0  # cache freed at the end
@@ -161,7 +170,7 @@ def test_decode_outputs_do_not_grow_with_the_cache(gen):
     spec = decode.spec
     l = gen.config["backbone"]["num_layers"]
     _, kv, _, d = spec.tensor("cache_keys.0").shape  # (B, KV, C, D) per layer
-    h = gen.embeddings.shape[1]
+    h = gen.folder.embeddings.shape[1]
     shapes = set()
     for capacity in (4, 300):
         cache = np.zeros((l, 1, kv, capacity, d), np.float32)

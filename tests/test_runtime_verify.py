@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from runtime.errors import UserError
+from runtime.folder.manifest import UNVERIFIED, EngineFolderError, verify_folder
 from runtime.generator import Generator
-from runtime.manifest import UNVERIFIED, EngineFolderError, verify_folder
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_a_read_only_folder_keeps_its_marker_with_a_warning(folder, caplog):
     (folder / UNVERIFIED).touch()
     folder.chmod(0o555)
     try:
-        caplog.set_level(logging.WARNING, logger="runtime.manifest")
+        caplog.set_level(logging.WARNING, logger="runtime.folder.manifest")
         Generator.from_dir(folder).close()
         assert "hashed at every open" in caplog.text and (folder / UNVERIFIED).exists()
     finally:

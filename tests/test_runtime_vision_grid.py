@@ -1,4 +1,4 @@
-"""runtime.vision_grid against transformers' Qwen2.5-VL vision tower (tiny random weights)."""
+"""runtime.host.vision_grid against transformers' Qwen2.5-VL vision tower (tiny random weights)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     apply_rotary_pos_emb_vision,
 )
 
-from runtime.vision_grid import block_diagonal_mask, cu_seqlens, rotary_pos_ids, window_index
+from runtime.host.vision_grid import block_diagonal_mask, cu_seqlens, rotary_pos_ids, window_index
 
 MERGE, PATCH, WINDOW = 2, 14, 112  # Qwen2.5-VL: 4 x 4 merged tokens per window
 
@@ -170,7 +170,10 @@ def test_errors(call, match: str) -> None:
 
 def test_module_imports_no_torch() -> None:
     forbidden = ("torch", "transformers", "diffusers")
-    code = f"import sys, runtime.vision_grid; sys.exit(any(m in sys.modules for m in {forbidden}))"
+    code = (
+        "import sys, runtime.host.vision_grid; "
+        f"sys.exit(any(m in sys.modules for m in {forbidden}))"
+    )
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
     )

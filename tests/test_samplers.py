@@ -1,4 +1,5 @@
-"""The sampler plans (runtime.samplers) replayed in numpy equal diffusers' schedulers step by step.
+"""The sampler plans (runtime.jobs.samplers) replayed in numpy equal diffusers' schedulers step
+by step.
 
 The replay computes exactly what the fused step graphs compute from a plan's coefficients; the
 model is a fixed nonlinear function of the sample and the timestep, so a wrong coefficient, a
@@ -15,9 +16,9 @@ from diffusers import (
     LMSDiscreteScheduler,
 )
 
-from runtime import samplers
 from runtime.errors import UserError
-from runtime.schedule import dpm_solver_schedule, flow_sigmas
+from runtime.jobs import samplers
+from runtime.jobs.schedule import dpm_solver_schedule, flow_sigmas
 
 DECODER = dict(
     num_train_timesteps=1000,
@@ -155,7 +156,7 @@ def test_lms_equals_diffusers_at_order_2_on_blip3o_sigmas(steps):
 
 
 def test_flow_euler_plan_is_blip3os_sampler():
-    from runtime.schedule import flow_euler_step, flow_timesteps
+    from runtime.jobs.schedule import flow_euler_step, flow_timesteps
 
     noise = np.random.default_rng(2).standard_normal((1, 3, 4, 4), dtype=np.float32)
     sigmas = flow_sigmas(30)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime.server import adapter
-from runtime.server.engine import Engine, ImageTask
+from runtime.server.scheduler import Engine, ImageTask
 
 STEPS, DECODER_STEPS = 3, 4
 
@@ -17,7 +17,7 @@ def gen(tiny_engine_dir):
     from runtime.generator import Generator
 
     with Generator.from_dir(tiny_engine_dir) as g:
-        g.negative_features()
+        g.folder.negative_features  # noqa: B018  (loaded once, before the threads)
         yield g
 
 
@@ -120,8 +120,8 @@ def test_one_at_a_time(gen):
 def test_a_chat_answer_interleaves_with_image_calls(gen):
     """Each engine turn decodes one token of every answer, then makes one image call: an
     answer finishes while a long image request runs, and equals `Generator.answer`."""
-    from runtime.server.engine import ChatTask
-    from runtime.understanding import AnswerParams
+    from runtime.params import AnswerParams
+    from runtime.server.scheduler import ChatTask
     from tests.simulated_device import picture
 
     events: list[tuple[str, str]] = []

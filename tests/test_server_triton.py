@@ -16,9 +16,9 @@ import pytest
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 text_format = pytest.importorskip("google.protobuf.text_format")
 
-from runtime.manifest import graph_spec, read_manifest  # noqa: E402
+from runtime.folder.manifest import graph_spec, read_manifest  # noqa: E402
+from runtime.folder.spec import numpy_dtype  # noqa: E402
 from runtime.server.triton import GENERATION_GRAPHS, ORCHESTRATOR, write_repository  # noqa: E402
-from runtime.spec import numpy_dtype  # noqa: E402
 
 TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 

@@ -10,8 +10,9 @@ import pytest
 
 from export.dims import graph_dims
 from export.trt_plan import pin_batch
-from runtime.graphs import graph_specs
-from runtime.manifest import EngineFolderError, rebuild_hint
+from runtime.folder.graphs import graph_specs
+from runtime.folder.manifest import EngineFolderError, rebuild_hint
+from runtime.folder.spec import numpy_dtype
 from runtime.sessions import BACKENDS, open_session
 from runtime.sessions.tensorrt import (
     POOL_ALIGN,
@@ -26,7 +27,6 @@ from runtime.sessions.tensorrt import (
     max_buffer_plan,
     pool_size,
 )
-from runtime.spec import numpy_dtype
 from training.config import from_preset
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -237,9 +237,9 @@ def tiny_folder(tmp_path_factory):
 @pytest.mark.parametrize("graph", ["dit_step", "vae_decoder", "decode"])
 def test_torch_session_matches_onnxruntime(tiny_folder, graph):
     from export.torch_backend import TorchSession
-    from runtime.manifest import graph_spec, load_manifest
+    from runtime.folder.manifest import graph_spec, load_manifest
+    from runtime.folder.spec import sample_inputs
     from runtime.sessions.onnxruntime import OrtSession
-    from runtime.spec import sample_inputs
 
     manifest = load_manifest(tiny_folder)
     spec = graph_spec(manifest, graph)
@@ -263,8 +263,8 @@ def test_open_session_torch_shares_the_pipeline_and_keeps_outputs_on_device(tiny
     import torch
 
     from export import torch_backend
-    from runtime.manifest import graph_spec, load_manifest
-    from runtime.spec import sample_inputs
+    from runtime.folder.manifest import graph_spec, load_manifest
+    from runtime.folder.spec import sample_inputs
 
     spec = graph_spec(load_manifest(tiny_folder), "dit_step")
     session = open_session(spec, tiny_folder, backend="torch")

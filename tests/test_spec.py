@@ -1,9 +1,10 @@
-"""runtime.spec derivations: dynamic axes, TensorRT profiles, shapes, sample inputs, feed checks."""
+"""runtime.folder.spec derivations: dynamic axes, TensorRT profiles, shapes, sample inputs,
+feed checks."""
 
 import numpy as np
 import pytest
 
-from runtime.spec import (
+from runtime.folder.spec import (
     Dim,
     GraphSpec,
     TensorSpec,

@@ -18,7 +18,7 @@ def test_build_tiny_vae_decoder_engine(tiny_config, tmp_path):
     from export.trt_build import build_engine, compute_capability, tensorrt_version
     from export.trt_plan import plan_engines
     from export.wrappers.generation import VAEDecoderGraph
-    from runtime.graphs import graph_specs
+    from runtime.folder.graphs import graph_specs
     from training.model.decoder import Decoder
 
     sm = compute_capability()

@@ -20,8 +20,8 @@ from export.trt_plan import (
     resolve_precision,
     timing_cache_name,
 )
-from runtime.graphs import GRAPHS, graph_specs
-from runtime.spec import PRECISIONS, trt_profile
+from runtime.folder.graphs import GRAPHS, graph_specs
+from runtime.folder.spec import PRECISIONS, trt_profile
 from training.config import from_preset
 
 H100, ORIN, A100, T4 = (9, 0), (8, 7), (8, 0), (7, 5)
@@ -280,7 +280,7 @@ def test_build_without_tensorrt_names_the_extra(specs, onnx_files, tmp_path):
 
 def test_compute_capability_from_nvidia_smi(tmp_path, monkeypatch):
     from export import trt_build
-    from runtime import probe
+    from runtime.machine import probe
 
     assert probe.parse_compute_cap("8.7") == (8, 7)
     assert probe.parse_compute_cap("[N/A]") is None

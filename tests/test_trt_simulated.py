@@ -6,9 +6,9 @@ freed or unknown device memory, and its engines compute for real (ONNX Runtime u
 import numpy as np
 import pytest
 
+from runtime.folder.manifest import graph_spec, read_manifest
+from runtime.folder.spec import Dim, GraphSpec, sample_inputs
 from runtime.generator import Generator
-from runtime.manifest import graph_spec, read_manifest
-from runtime.spec import Dim, GraphSpec, sample_inputs
 from tests import simulated_device as sim
 from tests.simulated_device import picture
 
@@ -54,7 +54,7 @@ def test_generator_on_simulated_tensorrt_equals_onnxruntime(
             pools = {id(s._pool) for s in g._sessions.values()}
             assert len(streams) == 1 and len(pools) == 1  # one stream, one activation pool
             sizes = [s._engine.device_memory_size_v2 for s in g._sessions.values()]
-            assert g._device.pool.nbytes >= max(sizes)
+            assert g._backend.shared.pool.nbytes >= max(sizes)
     assert device.streams == set()  # the shared stream went with the Generator
     assert device.executions > 0
 

@@ -239,7 +239,7 @@ class SamplerConfig:
     # of the blank prompt) or "zeros" (all-zero features: the dropped condition a decoder trained
     # with zeroed conditions, like tiny's UNet, has seen).
     decoder_negative: str = "blank_prompt"
-    # The samplers (the runtime's `runtime.samplers`): BLIP3-o's Euler for both by default; the
+    # The samplers (the runtime's `runtime.jobs.samplers`): BLIP3-o's Euler for both by default; the
     # DiT also takes "heun", the decoder "dpmpp_2m" (diffusers' DPM-Solver++ 2M).
     sampler: str = "euler"
     decoder_sampler: str = "euler"

@@ -37,7 +37,7 @@ DECODER_PARTS = ("unet", "vae")
 SCHEDULER_FILE = Path("scheduler") / "scheduler_config.json"
 SCHEDULER_MODES = ("check", "checkpoint", "preset")
 # DecoderConfig fields a checkpoint may set, and the values the runtime's schedule implements
-# (runtime/schedule.py; None: any value).
+# (runtime/jobs/schedule.py; None: any value).
 SCHEDULER_FIELDS = {
     "num_train_timesteps": None,
     "beta_start": None,

@@ -166,7 +166,7 @@ class ReferencePipeline:
         decoder_sampler: str = "euler",
     ) -> Image.Image | list[Image.Image]:
         """Text to image. Returns one PIL image, or a list when num_images > 1. `sampler` (the
-        DiT's: euler, heun) and `decoder_sampler` (euler, dpmpp_2m) as `runtime.samplers`."""
+        DiT's: euler, heun) and `decoder_sampler` (euler, dpmpp_2m) as `runtime.jobs.samplers`."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
         for name, value in (("steps", steps), ("decoder_steps", decoder_steps)):

@@ -26,7 +26,7 @@ class DiTGraph(nn.Module):
 
 
 class DiTStepGraph(nn.Module):
-    """One guided flow step of any `runtime.samplers` flow sampler: batch [zeros, cond],
+    """One guided flow step of any `runtime.jobs.samplers` flow sampler: batch [zeros, cond],
     v = u + g (c - u), next = x + c_velocity v + c_prev prev_velocity; returns (next, v)."""
 
     def __init__(self, dit: NextDiTCrossAttn) -> None:
@@ -57,7 +57,8 @@ class UNetGraph(nn.Module):
 
 
 class UNetStepGraph(nn.Module):
-    """One guided step of any `runtime.samplers` decoder sampler (epsilon prediction), CFG batch
+    """One guided step of any `runtime.jobs.samplers` decoder sampler (epsilon prediction), CFG
+    batch
     [features, negative]: eps from the UNet at latents * in_scale, the x0 prediction
     denoised = d_sample x + d_eps eps, next = c_sample x + c_eps eps + c_prev prev_denoised;
     returns (next, denoised)."""

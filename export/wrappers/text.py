@@ -98,7 +98,8 @@ class DecodeGraph(nn.Module):
     The cache holds `cache_position` = P valid rows (0..P-1; rows P..C-1 are ignored, whatever
     they hold); the new token is row P, which the runtime writes into its cache from
     `new_keys` / `new_values` after the step. The cache is only read, one input per layer
-    (`runtime.graphs.cache_names`), so no K/V tensor is sliced, concatenated or copied and the
+    (`runtime.folder.graphs.cache_names`), so no K/V tensor is sliced, concatenated or copied and
+    the
     outputs are independent of the past's length: attention scores the query against the cache
     rows (masked past P) and against the new key separately, and one softmax covers both. This
     is transformers' Qwen2.5-VL decoder layer (RMSNorm, q/k/v with bias, M-RoPE, grouped-query

@@ -1,5 +1,5 @@
 """Wrapper of the `vision` graph: the Qwen2.5-VL vision tower on host-prepared, window-ordered
-patches (see `runtime.vision_feeds`).
+patches (see `runtime.host.vision_feeds`).
 
 transformers' tower computes its grid metadata with data-dependent shapes
 (`get_vision_window_index` fails torch.export with GuardOnDataDependentSymNode) and splits its

@@ -241,7 +241,7 @@ class BLIP3O_HIDDEN Generator {
                   std::to_string(static_cast<long long>(image.width) * image.height * 3) +
                   " RGB bytes, got " + std::to_string(image.rgb.size()));
     return detail::call_python([&] {
-      // (H, W, 3) uint8, copied from the caller's buffer: runtime.understanding.load_image
+      // (H, W, 3) uint8, copied from the caller's buffer: runtime.jobs.answer.load_image
       // takes exactly this, and the copy frees the caller from any lifetime rule.
       py::array_t<std::uint8_t> pixels({image.height, image.width, 3}, image.rgb.data());
       return handle()

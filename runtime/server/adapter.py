@@ -1,5 +1,5 @@
 """The server's link to the runtime core, beyond its jobs (`Generator.start` and
-`runtime.generation.step_jobs`, `runtime.understanding.TokenJob`):
+`runtime.jobs.generation.step_jobs`, `runtime.jobs.answer.TokenJob`):
 
 - `max_batch(gen)`: the rows one step-graph call takes.
 - `answer_of(job)`: a finished token job as OpenAI reports it (usage counts, finish reason).
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.manifest import graph_spec
-from runtime.understanding import TokenJob
+from runtime.folder.manifest import graph_spec
+from runtime.jobs.answer import TokenJob
 
 
 def max_batch(gen) -> int:

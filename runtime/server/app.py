@@ -29,9 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.params import SETTINGS
 from runtime.server import protocol
-from runtime.server.engine import Cancelled, ChatTask, Engine, EngineClosed, ImageTask, QueueFull
 from runtime.server.metrics import Metrics
 from runtime.server.protocol import ApiError
+from runtime.server.scheduler import Cancelled, ChatTask, Engine, EngineClosed, ImageTask, QueueFull
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often a waiting request checks that its client is still there

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from runtime import checks
+from runtime import validate
 from runtime.errors import UserError
 
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
@@ -69,7 +69,7 @@ def server_config(args):
     from runtime.server.app import ServerConfig
 
     if args.threads is not None:
-        checks.integer("--threads", args.threads, 1, 1024)
+        validate.integer("--threads", args.threads, 1, 1024)
     if not Path(args.engines).is_dir():
         raise UserError(f"--engines {args.engines}: no such folder")
     return ServerConfig(
@@ -87,7 +87,7 @@ def server_config(args):
 
 def cmd_serve(args) -> int:
     require(SERVE_MODULES, "serve")
-    checks.integer("--port", args.port, 0, 65535)
+    validate.integer("--port", args.port, 0, 65535)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = server_config(args)
     if args.ray_replicas is not None or args.ray_autoscale or os.environ.get("RAY_ADDRESS"):

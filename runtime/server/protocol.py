@@ -19,7 +19,7 @@ import uuid
 from PIL import Image
 
 from runtime.errors import ResultError, UserError
-from runtime.understanding import AnswerParams
+from runtime.params import AnswerParams
 
 MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_PIXELS = 64_000_000
@@ -143,7 +143,7 @@ def image_request(body: dict, *, model: str, image_size: int, defaults: dict) ->
         "decoder_steps": body.get("decoder_num_inference_steps"),
         "decoder_guidance": body.get("decoder_guidance_scale"),
         "num_images": body.get("n", 1),
-        # our extension: the samplers (runtime.samplers) or a preset of the engine folder
+        # our extension: the samplers (runtime.jobs.samplers) or a preset of the engine folder
         "sampler": body.get("sampler"),
         "decoder_sampler": body.get("decoder_sampler"),
         "preset": body.get("preset"),
@@ -277,7 +277,7 @@ def chat_request(body: dict, *, model: str, allow_remote: bool) -> dict:
             temperature=_or(body.get("temperature"), 0.0),  # left out: greedy
             top_p=_or(body.get("top_p"), 1.0),
             seed=_or(body.get("seed"), 0),
-        ).validate()
+        )
     except UserError as err:
         raise api_error(err) from err
     return {

@@ -24,9 +24,9 @@ import shutil
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.graphs import GENERATION_GRAPHS
-from runtime.manifest import file_path, graph_spec, read_manifest
-from runtime.spec import numpy_dtype
+from runtime.folder.graphs import GENERATION_GRAPHS
+from runtime.folder.manifest import file_path, graph_spec, read_manifest
+from runtime.folder.spec import numpy_dtype
 
 ORCHESTRATOR = "blip3o"
 TRITON_TYPES = {

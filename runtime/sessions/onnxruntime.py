@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.compat import DEVICE_PROVIDERS, INSTALL_ORT
 from runtime.errors import UserError
-from runtime.manifest import EngineFolderError
-from runtime.spec import GraphSpec, check_feeds
+from runtime.folder.manifest import EngineFolderError
+from runtime.folder.spec import GraphSpec, check_feeds
+from runtime.machine.compat import DEVICE_PROVIDERS, INSTALL_ORT
 
 try:
     import onnxruntime as ort

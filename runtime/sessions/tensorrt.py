@@ -21,7 +21,6 @@ GPU, and the control flow runs in the tests over a simulated device (`tests/simu
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -32,9 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from runtime.graphs import cache_names
-from runtime.manifest import MANIFEST, EngineFolderError, rebuild_hint
-from runtime.spec import GraphSpec, check_feeds, io_dtype, numpy_dtype, profile_sizes, resolve_shape
+from runtime.folder.graphs import cache_names
+from runtime.folder.manifest import EngineFolderError, rebuild_hint
+from runtime.folder.spec import (
+    GraphSpec,
+    check_feeds,
+    io_dtype,
+    numpy_dtype,
+    profile_sizes,
+    resolve_shape,
+)
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +335,10 @@ class TrtSession:
         activation_pool: ActivationPool | None = None,
         cuda_graph: bool | None = None,
         shared: SharedDevice | None = None,
+        record: tuple[dict, dict] | None = None,
     ) -> None:
+        """`record`: (the manifest's graph entry, the manifest) of a folder's engine, checked
+        before deserializing (compute capability, TensorRT version, size and sha256)."""
         io_dtype(precision)  # validates the precision name
         if cuda_graph and not capturable(spec):
             dynamic = [d.name for d in spec.dims if not d.static]
@@ -347,13 +356,11 @@ class TrtSession:
         self._rt = rt
         _ok(rt.cudaSetDevice(index))
         props = _ok(rt.cudaGetDeviceProperties(index))
-        file = path.parent / MANIFEST  # check an engine listed in its folder's manifest
-        manifest = json.loads(file.read_text()) if file.is_file() else None
+        entry, manifest = record if record is not None else (None, None)
         data = path.read_bytes()  # hashed and deserialized from the same bytes
-        for entry in (manifest or {}).get("graphs", {}).values():
-            if (entry.get("engine") or {}).get("file") == path.name:
-                check_engine_compat(entry, trt.__version__, (props.major, props.minor), manifest)
-                check_engine_bytes(data, entry, path, manifest)
+        if entry is not None:  # an engine of a folder: checked against the manifest's record
+            check_engine_compat(entry, trt.__version__, (props.major, props.minor), manifest)
+            check_engine_bytes(data, entry, path, manifest)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # outlives the engine
         engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:

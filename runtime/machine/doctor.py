@@ -4,8 +4,9 @@ On a new GPU server or Jetson board the questions are always the same: which ONN
 installed (and is it only one), which execution providers and GPU it sees, which TensorRT, what
 `--precision auto` builds here and why, and whether a given engine folder will load here, with
 the command that rebuilds it when it will not. `report` answers them as one plain dict (the
-`--json` output) from a `runtime.probe.Facts`, so tests fake any machine; `format_text` is the
-human-readable view. The decisions are `runtime.hardware`'s and `runtime.compat`'s, the ones the
+`--json` output) from a `runtime.machine.probe.Facts`, so tests fake any machine; `format_text`
+is the human-readable view. The decisions are `runtime.machine.hardware`'s and
+`runtime.machine.compat`'s, the ones the
 exporter and `Generator` use: nothing here decides on its own. Torch-free, like all of runtime.
 """
 
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.compat import environment_problems, fix_command, folder_verdicts
-from runtime.hardware import BUILD_BACKENDS, auto_precision
-from runtime.manifest import EngineFolderError, load_manifest
-from runtime.probe import Facts
+from runtime.folder.manifest import EngineFolderError, load_manifest
+from runtime.machine.compat import environment_problems, fix_command, folder_verdicts
+from runtime.machine.hardware import BUILD_BACKENDS, auto_precision
+from runtime.machine.probe import Facts
 
 
 def build_choices(facts: Facts) -> dict:

@@ -2,8 +2,8 @@
 
     job = gen.start_answer(image, "Describe the image.", max_new_tokens=32)
     while not job.done:
-        job.generate_next_token()
-    print(job.text(), job.finish_reason)          # "eos", "length" or "cache_full"
+        job.step()                                # one session call, one token
+    print(job.result(), job.finish_reason)        # "eos", "length" or "cache_full"
 
 Host side: Qwen2.5-VL preprocessing, window-ordered vision feeds, the chat prompt with one
 `<|image_pad|>` per merged patch token, M-RoPE position ids (3 rows) and their decode deltas,
@@ -24,116 +24,18 @@ jobs may be open and stepped interleaved.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from runtime import checks
-from runtime.errors import UserError, UserTypeError
-from runtime.graphs import cache_feeds
-from runtime.image_preprocess import MAX_ASPECT_RATIO, preprocess_image
-from runtime.manifest import graph_spec
-from runtime.mrope import decode_position_ids, rope_index
-from runtime.vision_feeds import vision_feeds
-
-MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before resizing
-MAX_NEW_TOKENS = 1 << 16
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # grayscale PNG/TIFF of 16 bits
-
-
-def load_image(image) -> Image.Image:
-    """A PIL image, an (H, W, 3|4) uint8 array or a path, as an RGB image, with clear errors.
-
-    16-bit grayscale images are scaled to 8 bits (not clipped, which would turn most of the
-    range white)."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if path.is_dir():
-            raise UserError(f"{path} is a folder, not an image")
-        try:
-            with Image.open(path) as f:
-                if f.width * f.height > MAX_IMAGE_PIXELS:
-                    raise UserError(
-                        f"{path} is {f.width}x{f.height} px; at most {MAX_IMAGE_PIXELS} "
-                        "pixels are accepted"
-                    )
-                f.load()
-                image = f.copy()
-        except (OSError, Image.DecompressionBombError) as err:
-            raise UserError(f"cannot read an image from {path}: {err}") from err
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-            raise UserError(
-                f"an image array must be (H, W, 3) or (H, W, 4) uint8, got {image.shape} "
-                f"{image.dtype}"
-            )
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise UserTypeError(
-            f"image must be a PIL image, an array or a path, got {type(image).__name__}"
-        )
-    if image.mode in _SIXTEEN_BIT:
-        wide = np.asarray(image, dtype=np.float64)  # (H, W) in [0, 65535]
-        image = Image.fromarray((np.clip(wide, 0, 65535) / 257).round().astype(np.uint8), "L")
-    return image.convert("RGB")
-
-
-def prepare_image(gen, image) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess an image for the vision graph: (image_embeds feeds, grid_thw)."""
-    v = gen.config["backbone"]["vision"]
-    image = load_image(image)
-    if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
-        raise UserError(
-            f"image of {image.width}x{image.height} px is too elongated; the aspect ratio "
-            f"must be at most {MAX_ASPECT_RATIO}"
-        )
-    if min(image.size) < v["patch_size"]:
-        raise UserError(
-            f"image of {image.width}x{image.height} px is smaller than one "
-            f"{v['patch_size']}x{v['patch_size']} vision patch"
-        )
-    pixels, grid = preprocess_image(
-        image,
-        patch_size=v["patch_size"],
-        temporal_patch_size=v["temporal_patch_size"],
-        merge_size=v["spatial_merge_size"],
-        min_pixels=v["min_pixels"],
-        max_pixels=v["max_pixels"],
-    )
-    feeds = vision_feeds(
-        pixels,
-        grid,
-        spatial_merge_size=v["spatial_merge_size"],
-        window_size=v["window_size"],
-        patch_size=v["patch_size"],
-    )
-    feeds["pixel_values"] = feeds["pixel_values"].astype(gen.io_dtype)
-    return feeds, grid
-
+from runtime import validate
+from runtime.errors import UserError
+from runtime.host.image import prepare_image
+from runtime.host.mrope import decode_position_ids, rope_index
+from runtime.jobs.job import Job
+from runtime.jobs.kv_cache import HostKVCache
+from runtime.params import AnswerParams
 
 FINISH_REASONS = ("eos", "length", "cache_full")
-MAX_TEMPERATURE = 100.0
-
-
-@dataclass(frozen=True)
-class AnswerParams:
-    """Sampling options of a token job: greedy when `temperature` is 0 (the default)."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def validate(self) -> AnswerParams:
-        return replace(
-            self,
-            max_new_tokens=checks.integer("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS),
-            temperature=checks.number("temperature", self.temperature, 0.0, MAX_TEMPERATURE),
-            top_p=checks.number("top_p", self.top_p, 0.0, 1.0),
-            seed=checks.integer("seed", self.seed, 0, 2**63 - 1),
-        )
 
 
 def sample_token(logits: np.ndarray, params: AnswerParams, rng: np.random.Generator) -> int:
@@ -151,40 +53,20 @@ def sample_token(logits: np.ndarray, params: AnswerParams, rng: np.random.Genera
     return int(nucleus[rng.choice(len(nucleus), p=p)])
 
 
-class HostKVCache:
-    """A token job's KV cache as host arrays: what ONNX Runtime on CPU (and any backend without
-    its own `kv_cache`) reads without a copy. `write` takes the backend's arrays."""
-
-    def __init__(self, shape: tuple[int, ...], dtype, to_host) -> None:
-        self.keys = np.zeros(shape, dtype)  # (L, B, KV, C, D)
-        self.values = np.zeros(shape, dtype)
-        self.capacity, self._to_host = shape[3], to_host
-        self._feeds = cache_feeds(self.keys, self.values)  # fixed views: built once
-
-    def write(self, start: int, keys, values) -> None:
-        """Rows start.. of the cache from (L, B, KV, n, D) keys / values."""
-        keys, values = self._to_host(keys), self._to_host(values)
-        self.keys[..., start : start + keys.shape[3], :] = keys
-        self.values[..., start : start + values.shape[3], :] = values
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        """The decode graph's per-layer cache inputs: views of this cache, no copy."""
-        return self._feeds
-
-    def close(self) -> None:
-        self.keys = self.values = self._feeds = None
-
-
-class TokenJob:
-    """One answer, advanced by `generate_next_token()` (the first call runs vision and prefill).
-
-    `done` / `is_done()`, `finish_reason` ("eos", "length", "cache_full"), `tokens` (the answer's
-    ids, eos excluded), `text()`, `cancel()` (frees the cache), `result()` (the text, to the end).
+class TokenJob(Job):
+    """One answer, advanced by `step()` (one session call and one sampled token; the first runs
+    vision and prefill). `done`, `finish_reason` ("eos", "length", "cache_full"; None while
+    running, a cancelled or failed job has none), `tokens` (the answer's ids, eos excluded),
+    `text()` (the answer so far), `cancel()` (frees the cache), `result()` (the text, to the end).
+    `generate_next_token()` is `step()` under onnxruntime-genai's name.
     """
 
+    what = "answer"
+
     def __init__(self, gen, image, question: str, params: AnswerParams) -> None:
-        self.gen, self.params = gen, params.validate()
-        self.question = checks.text("question", question)
+        super().__init__(gen)
+        self.params = params
+        self.question = validate.text("question", question)
         self.feeds, self.grid = prepare_image(gen, image)  # preprocessing errors surface here
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
@@ -194,14 +76,6 @@ class TokenJob:
         self._position = 0  # cache rows filled = the next token's row
         self._pending: int | None = None  # sampled, not yet fed through decode
         self._streamed = ""  # the text `next_text` has handed out
-        gen._jobs.add(self)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def is_done(self) -> bool:
-        return self.done
 
     @property
     def capacity(self) -> int:
@@ -210,27 +84,27 @@ class TokenJob:
     def text(self) -> str:
         return self.gen.prompts.decode(self.tokens).strip()
 
-    def generate_next_token(self) -> int:
+    def step(self) -> int:
         """Run the next session call and sample one token; returns its id (eos included)."""
-        with self.gen._lock:
-            if self.done:
-                raise RuntimeError(f"this answer is finished ({self.finish_reason}); call text()")
+        with self.gen.lock:
+            self._check_steppable()
             try:
                 if self._logits is None:
                     self._prefill()
                 elif self._pending is not None:
                     self._feed(self._pending)
                     self._pending = None
-                token = self._sample()
-            except BaseException:
-                self._finish("error")
+                return self._sample()
+            except BaseException as err:
+                self._fail(err)
                 raise
-            return token
+
+    generate_next_token = step  # onnxruntime-genai's name; the README's before 0.4
 
     def next_text(self) -> str:
-        """`generate_next_token()`, then the text it added to the answer: "" while a character
-        is still incomplete, and at eos. What streaming hosts send."""
-        self.generate_next_token()
+        """`step()`, then the text it added to the answer: "" while a character is still
+        incomplete, and at eos. What streaming hosts send."""
+        self.step()
         text = self.gen.prompts.decode(self.tokens) if self.tokens else ""
         new = text[len(self._streamed) :] if len(text) > len(self._streamed) else ""
         self._streamed = text
@@ -239,10 +113,10 @@ class TokenJob:
     def append_tokens(self, ids) -> None:
         """Feed token ids after the answer so far (e.g. a follow-up turn); the next token is
         sampled after them. Each id is one decode step into this job's cache."""
-        ids = [checks.integer("token id", t, 0, self.gen.embeddings.shape[0] - 1) for t in ids]
-        with self.gen._lock:
-            if self.done:
-                raise RuntimeError(f"this answer is finished ({self.finish_reason})")
+        vocab = self.gen.folder.embeddings.shape[0]
+        ids = [validate.integer("token id", t, 0, vocab - 1) for t in ids]
+        with self.gen.lock:
+            self._check_steppable()
             if self._logits is None:
                 self._prefill()
             for token in ([self._pending] if self._pending is not None else []) + ids:
@@ -253,15 +127,14 @@ class TokenJob:
                 self._feed(token)
             self._pending = None
 
-    def result(self) -> str:
-        while not self.done:
-            self.generate_next_token()
+    def _result(self) -> str:
         return self.text()
 
-    def cancel(self) -> None:
-        with self.gen._lock:
-            if not self.done:
-                self._finish("cancelled")
+    def _release(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        self.gen.release("decode")
 
     # steps ----------------------------------------------------------------------------------
     def _prefill(self) -> None:
@@ -270,7 +143,7 @@ class TokenJob:
         image_embeds = vision.to_host(vision.run(self.feeds)["image_embeds"]).astype(np.float32)
         gen.release("vision")
         ids = gen.prompts.chat_ids(self.question, image_embeds.shape[0])
-        limit = graph_spec(gen.manifest, "prefill").dim("seq").max
+        limit = gen.folder.prefill_limit()
         if len(ids) > limit:
             raise UserError(f"question + image are {len(ids)} tokens; the prefill takes {limit}")
         embeds = gen.embed(ids)  # (S, H)
@@ -287,7 +160,7 @@ class TokenJob:
             {"inputs_embeds": embeds[None].astype(gen.io_dtype), "position_ids": positions}
         )
         self._logits = prefill.to_host(out["logits"])[0]  # (vocab,)
-        spec = graph_spec(gen.manifest, "decode")
+        spec = gen.folder.spec("decode")
         _, kv, _, dim = spec.tensor("cache_keys.0").shape  # (B, KV, capacity, D) per layer
         most = spec.dim("capacity").max
         capacity = min(most, max(len(ids) + self.params.max_new_tokens - 1, 2))
@@ -320,7 +193,7 @@ class TokenJob:
         self._position += 1
 
     def _sample(self) -> int:
-        checks.finite("the answer's logits", self._logits, "check the engine folder")
+        validate.finite("the answer's logits", self._logits, "check the engine folder")
         token = sample_token(self._logits, self.params, self._rng)
         if token == self.gen.config["backbone"]["eos_token_id"]:
             self._finish("eos")
@@ -336,11 +209,7 @@ class TokenJob:
 
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
-        if self._cache is not None:
-            self._cache.close()
-            self._cache = None
-        self.gen.release("decode")
-        self.gen._job_finished(self)
+        self._end()
 
 
 def stream_text(job: TokenJob, stream: Callable[[str], None] | None = None) -> str:
@@ -349,10 +218,10 @@ def stream_text(job: TokenJob, stream: Callable[[str], None] | None = None) -> s
     try:
         while not job.done:
             if stream is None:
-                job.generate_next_token()  # no text until the end: nothing decoded per token
+                job.step()  # no text until the end: nothing decoded per token
             elif new := job.next_text():
                 stream(new)
     except BaseException:
         job.cancel()
         raise
-    return job.text()
+    return job.result()

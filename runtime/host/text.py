@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtime import checks
-from runtime.manifest import EngineFolderError
+from runtime import validate
+from runtime.folder.manifest import EngineFolderError
 
 _SLOT = "\ue000"  # a private-use character: where the user text goes in a rendered template
 
@@ -94,7 +94,7 @@ class PromptEncoder:
     def generation_ids(self, prompt: str, *, template: bool = True) -> np.ndarray:
         """int64 (S,) ids of a generation prompt ending in `[IMG]`."""
         if not isinstance(prompt, str):
-            checks.text("prompt", prompt)
+            validate.text("prompt", prompt)
         if template:
             rendered = self._chat(self.template["generation_instruction"].format(caption=_SLOT))
             ids = self.encode(rendered, prompt)
@@ -105,7 +105,7 @@ class PromptEncoder:
     def chat_ids(self, question: str, num_image_tokens: int) -> np.ndarray:
         """int64 (S,) ids of an image + question chat prompt."""
         if not isinstance(question, str):
-            checks.text("question", question)
+            validate.text("question", question)
         t = self.template
         user = t["image_chat"].format(image=t["image_pad"] * num_image_tokens, question=_SLOT)
         return np.array(self.encode(self._chat(user), question), dtype=np.int64)

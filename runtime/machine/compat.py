@@ -1,11 +1,11 @@
 """Will an engine folder load on this machine, and if not, what fixes it: rules over facts.
 
-Every rule here is a function of a manifest and a `runtime.probe.Facts` (plain data), so the
+Every rule here is a function of a manifest and a `runtime.machine.probe.Facts` (plain data), so the
 verdicts `doctor` prints are tested with faked GPUs, and `Generator` asks the same rules before it
 opens an ONNX Runtime session (a missing onnxruntime, a provider the install lacks or a bf16
 folder on CPU become one-line errors instead of ORT's). The TensorRT rules reuse the session's
 own check (`runtime.sessions.tensorrt.check_engine_compat`); the precision rules are
-`runtime.hardware`'s, shared with the exporter.
+`runtime.machine.hardware`'s, shared with the exporter.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.hardware import auto_precision, resolve_precision, sm_text, supports
-from runtime.manifest import EngineFolderError, rebuild_hint
-from runtime.probe import Facts, OrtFacts
+from runtime.folder.manifest import EngineFolderError, rebuild_hint
+from runtime.machine.hardware import auto_precision, resolve_precision, sm_text, supports
+from runtime.machine.probe import Facts, OrtFacts
 from runtime.sessions.tensorrt import check_engine_compat
 
 # The ONNX Runtime execution providers each runtime device needs, in preference order.

@@ -3,7 +3,7 @@
 The Qwen2.5-VL tower permutes its patches into window order, attends per image/frame in its
 full-attention blocks and per window elsewhere, and permutes the merged tokens back at the end.
 All of that is data-dependent (``.tolist()`` splits, variable window counts), so the host does
-it here with :mod:`runtime.vision_grid` and the graph only sees fixed-rank tensors:
+it here with :mod:`runtime.host.vision_grid` and the graph only sees fixed-rank tensors:
 
 - ``pixel_values`` and ``rotary_pos_ids`` already in window order. The patch embedding is a
   Conv3d with stride = kernel, i.e. per patch, so reordering its input equals reordering its
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.vision_grid import cu_seqlens, rotary_pos_ids, window_index
+from runtime.host.vision_grid import cu_seqlens, rotary_pos_ids, window_index
 
 
 def segment_ids(cu: np.ndarray, n: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def vision_feeds(
 
     Args:
         pixel_values: ``(N, patch_dim)`` flattened patches in the tower's order, as from
-            :func:`runtime.image_preprocess.preprocess_image` (several images concatenated).
+            :func:`runtime.host.image_preprocess.preprocess_image` (several images concatenated).
         grid_thw: ``(num_images, 3)`` patch grids of those images, ``N = sum(t * h * w)``.
         spatial_merge_size, window_size, patch_size: the tower's config values.
 

@@ -14,20 +14,34 @@
 Token embedding lookups and M-RoPE / vision-grid metadata stay on the host (numpy). The specs
 are built by the exporter from the model config and stored in the engine folder's manifest; the
 runtime reads them back from there. The step graphs take their update's coefficients as
-scalars (`runtime.samplers`): one graph serves every sampler of its family.
+scalars (`runtime.jobs.samplers`): one graph serves every sampler of its family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.spec import Dim, GraphSpec, TensorSpec
+from runtime.folder.spec import Dim, GraphSpec, TensorSpec
 
 GRAPHS = ("vision", "prefill", "decode", "dit", "dit_step", "unet", "unet_step", "vae_decoder")
 GENERATION_GRAPHS = ("prefill", "dit_step", "unet_step", "vae_decoder")
 # What the runtime runs (the default build): the raw `dit` / `unet` graphs duplicate the step
 # graphs' weights and are built only on request (`--graphs dit unet`).
 RUNTIME_GRAPHS = ("vision", "prefill", "decode", "dit_step", "unet_step", "vae_decoder")
+
+
+# The guidance scales a step graph takes (the runtime's params accept this range; sample
+# feeds draw from it). Classifier-free guidance past ~7.5 already saturates on every variant;
+# a bound refuses absurd values (1e38 overflows the guided combine to inf: a black image).
+MAX_GUIDANCE = 10.0
+
+
+def latent_side(decoder: dict) -> int:
+    """The decoder latents' side from a manifest's `config.decoder`: the image size over the
+    VAE's downsampling (a factor 2 per block after the first). The one place of this formula."""
+    return decoder["image_size"] // 2 ** (len(decoder["vae_block_out_channels"]) - 1)
+
+
 UNDERSTANDING_GRAPHS = ("vision", "prefill", "decode")
 
 
@@ -161,7 +175,7 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
                 TensorSpec("c_velocity", "float32", one, low=-1.0, high=0.0),
                 TensorSpec("c_prev", "float32", one, low=-0.5, high=0.5),
                 TensorSpec("cond", F, ("batch", d.n_query, d.hidden)),
-                TensorSpec("guidance", "float32", one, low=0.0, high=10.0),
+                TensorSpec("guidance", "float32", one, low=0.0, high=MAX_GUIDANCE),
             ),
             outputs=(
                 TensorSpec("next_latents", F, ("batch", c, s, s)),
@@ -193,7 +207,7 @@ def graph_specs(d: GraphDims) -> dict[str, GraphSpec]:
                 TensorSpec("c_prev", "float32", one, low=-1.0, high=0.0),
                 TensorSpec("features", F, ("batch", d.n_query, c)),
                 TensorSpec("negative", F, (1, d.n_query, c)),
-                TensorSpec("guidance", "float32", one, low=0.0, high=10.0),
+                TensorSpec("guidance", "float32", one, low=0.0, high=MAX_GUIDANCE),
             ),
             outputs=(
                 TensorSpec("next_latents", F, ("batch", lc, ls, ls)),

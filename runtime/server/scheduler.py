@@ -13,7 +13,7 @@ repeatedly picks the group holding the oldest running request and makes one sess
 - its rows (a request of `n` images is `n` rows) are concatenated up to `max_batch` (the
   graphs' `batch` max), each with its own seeded noise, and split back after the call.
 
-Each call is the runtime's own `runtime.generation.step_jobs` over the group's `GenerationJob`s
+Each call is the runtime's own `runtime.jobs.generation.step_jobs` over the group's `GenerationJob`s
 (the one sampling loop; a request alone is `step_jobs` over one job), timed per stage.
 Cancellation (a client gone, or the job API) is checked between calls. Chat requests are token
 jobs (`ChatTask`) on the same thread: each turn decodes one token of every running answer, then
@@ -30,10 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runtime import checks
-from runtime.generation import GenerationJob, decode_latents, step_jobs, to_pil
+from runtime import validate
+from runtime.jobs.answer import TokenJob
+from runtime.jobs.generation import GenerationJob, decode_latents, step_jobs, to_pil
+from runtime.params import AnswerParams
 from runtime.server import adapter
-from runtime.understanding import AnswerParams, TokenJob
 
 log = logging.getLogger(__name__)
 _SEQ = itertools.count()
@@ -144,13 +145,13 @@ class Engine:
     ) -> None:
         limit = adapter.max_batch(gen)
         self.gen = gen
-        self.max_batch = checks.integer(
+        self.max_batch = validate.integer(
             "max_batch", limit if max_batch is None else max_batch, 1, limit
         )
-        self.max_running = checks.integer(
+        self.max_running = validate.integer(
             "max_running", self.max_batch if max_running is None else max_running, 1, 4096
         )
-        self.max_queue = checks.integer("max_queue", max_queue, 0, 1 << 20)
+        self.max_queue = validate.integer("max_queue", max_queue, 0, 1 << 20)
         self.metrics = metrics
         self._queue: collections.deque = collections.deque()
         self._running: list[ImageTask | ChatTask] = []
@@ -279,7 +280,7 @@ class Engine:
         """The next token of one answer (its first call runs the vision graph and prefill)."""
         stage = "decode" if task.job is not None else "chat_prefill"
         try:
-            with self.gen._lock:
+            with self.gen.lock:
                 if task.job is None:
                     task.status, task.started = "running", time.time()
                     task.job = TokenJob(self.gen, task.image, task.question, task.options)
@@ -299,7 +300,7 @@ class Engine:
         stage, call = first.stage, first.call
         rows = sum(t.rows for t in group)
         try:
-            with self.gen._lock:
+            with self.gen.lock:
                 self._timed(stage, rows, lambda: step_jobs(self.gen, [t.job for t in group]))
         except Exception as err:
             for task in group:
@@ -319,7 +320,7 @@ class Engine:
         ]  # fmt: skip
         if partial:  # previews: the current latents through the VAE, for those that asked
             jobs = [t.job for t in partial]
-            with self.gen._lock:
+            with self.gen.lock:
                 rows = sum(t.rows for t in partial)
                 images = self._timed("vae_decoder", rows, lambda: decode_latents(self.gen, jobs))
             for task, part in zip(partial, images):

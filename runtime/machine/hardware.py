@@ -2,7 +2,7 @@
 
 The exporter (`export.plan`, `export.trt_plan`) and `python -m runtime doctor` both decide from
 these functions, so what doctor says the exporter will pick is what it picks. Nothing here probes
-the machine (`runtime.probe` does) or imports a backend: every decision is a function of a
+the machine (`runtime.machine.probe` does) or imports a backend: every decision is a function of a
 backend name and a compute capability, unit-tested without a GPU.
 
 - `auto` on TensorRT picks FP8 on SM >= 8.9, INT8 on Jetson Orin (SM 8.7, Ampere: no FP8, and
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.errors import UserError
-from runtime.spec import PRECISIONS
+from runtime.folder.spec import PRECISIONS
 
 REQUESTS = ("auto", *PRECISIONS)
 BUILD_BACKENDS = ("onnxruntime", "tensorrt")

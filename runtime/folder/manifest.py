@@ -17,8 +17,8 @@ import shlex
 from pathlib import Path
 
 from runtime.errors import UserError
-from runtime.manifest_schema import FORMAT_VERSION, SCHEMAS, SchemaError, confined, validate
-from runtime.spec import GraphSpec, spec_from_dict
+from runtime.folder.schema import FORMAT_VERSION, SCHEMAS, SchemaError, confined, validate
+from runtime.folder.spec import GraphSpec, spec_from_dict
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -2,7 +2,7 @@
 
 Every probe is read-only, cheap and never fails: a missing tool gives None, not an exception,
 because `doctor` must work on exactly the machines where something is missing. Facts are frozen
-dataclasses so that tests (and the decisions in `runtime.compat`) take them as plain data:
+dataclasses so that tests (and the decisions in `runtime.machine.compat`) take them as plain data:
 fake a GPU by building a `Facts`, not by patching the probes. nvidia-smi runs without a shell,
 with a timeout; CUDA's driver API is read through ctypes (no cuda-python, no context created).
 """

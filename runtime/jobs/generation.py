@@ -3,7 +3,7 @@
 `GenerationJob.step()` does one unit of work (one session call) and returns; a host shows
 progress and may cancel between steps. The step graphs (`dit_step`, `unet_step`) carry CFG,
 guidance and the sampler update, so the loop only feeds each call's scalars (the sampler's plan,
-`runtime.samplers`); latents and the multistep state stay in the backend's arrays (device
+`runtime.jobs.samplers`); latents and the multistep state stay in the backend's arrays (device
 buffers on GPU backends).
 
 This is the runtime's one sampling loop. `step_jobs(gen, jobs)` makes the next session call for
@@ -11,6 +11,10 @@ one job, or for several jobs at the same call of the same plan (equal `key()`: t
 step-level batching), their rows concatenated along the batch axis and split back after the
 call; `GenerationJob.step()` is `step_jobs` over the job alone. Each job keeps its own seeded
 noise and multistep state, so a batched job computes what it computes alone.
+
+The job owns its stages: the prompt's conditioning (`conditioning`: the prefill over the
+prompt's embeddings and the latent queries) and the decoder's negative (read from the folder,
+`EngineFolder.negative_features`) are computed here, not in the Generator.
 
 Noise convention (shared with the PyTorch reference): one `np.random.default_rng(seed)` draws
 the DiT's noise (N, C, 8, 8) first and the decoder's (N, 4, l, l) second, float32.
@@ -21,9 +25,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from runtime import checks
+from runtime import validate
+from runtime.errors import UserError
+from runtime.jobs.job import Job
+from runtime.jobs.samplers import decoder_plan, dit_feeds, flow_plan, unet_feeds
 from runtime.params import GeneratorParams
-from runtime.samplers import decoder_plan, dit_feeds, flow_plan, unet_feeds
 
 HINT = "lower the guidance scales or check the engine folder (python export/check.py)"
 
@@ -33,7 +39,7 @@ def draw_noise(seed: int, *shapes: tuple[int, ...]) -> list[np.ndarray]:
     return [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
 
 
-class GenerationJob:
+class GenerationJob(Job):
     """One generation, advanced by `step()`; `result()` returns the PIL images when done.
 
     `stage` is the stage the next step runs ("prefill", "dit", "unet", "vae_decoder", then
@@ -41,38 +47,34 @@ class GenerationJob:
     holds the DiT's (N, 64, C) float32 image features once the DiT stage is over. `template`:
     False feeds the prompt as raw text (the blank-prompt decoder negative)."""
 
+    what = "generation"
+
     def __init__(self, gen, prompt: str, params: GeneratorParams, *, template: bool = True) -> None:
         if not params.is_resolved:
             raise ValueError(f"params must be resolved against the folder first, got {params}")
-        self.gen = gen
+        super().__init__(gen)
         # raw text (the manifest's blank negative prompt) may be empty; a user's prompt may not
-        self.prompt = checks.text("prompt", prompt) if template else prompt
+        self.prompt = validate.text("prompt", prompt) if template else prompt
         self.params, self.template = params, template
-        cfg = gen.config
-        n = params.num_images
-        d, dec = cfg["dit"], cfg["decoder"]
-        self.feature_shape = (n, d["in_channels"], d["input_size"], d["input_size"])
-        side = dec["image_size"] // 2 ** (len(dec["vae_block_out_channels"]) - 1)
-        latent_shape = (n, dec["latent_channels"], side, side)
-        self.noise, self.latent_noise = draw_noise(params.seed, self.feature_shape, latent_shape)
+        n, folder = params.num_images, gen.folder
+        self.feature_shape = folder.feature_shape(n)
+        self.noise, self.latent_noise = draw_noise(
+            params.seed, self.feature_shape, folder.latent_shape(n)
+        )
         self.flow = flow_plan(params.sampler, params.steps)
-        self.decoder = decoder_plan(params.decoder_sampler, params.decoder_steps, dec)
+        self.decoder = decoder_plan(
+            params.decoder_sampler, params.decoder_steps, gen.config["decoder"]
+        )
         self.total = 1 + len(self.flow.calls) + len(self.decoder.calls) + 1
         self.done_steps = 0
         self.stage, self.call = "prefill", 0
-        self.error: BaseException | None = None  # why the job failed, once it did
         self.features: np.ndarray | None = None
         self.latents = self.state = self.cond = self._features_in = self._negative_in = None
         self._images: list[Image.Image] | None = None
-        self._open = True  # registered with the Generator from its first step on
 
     @property
     def rows(self) -> int:
         return self.params.num_images
-
-    @property
-    def done(self) -> bool:
-        return self._images is not None
 
     def key(self) -> tuple:
         """Jobs with equal keys can share the next session call (`step_jobs`)."""
@@ -87,57 +89,63 @@ class GenerationJob:
 
     def step(self) -> str:
         """Run the next unit of work; returns the stage it belonged to."""
-        with self.gen._lock:  # one session call at a time per Generator, jobs interleaved
+        with self.gen.lock:  # one session call at a time per Generator, jobs interleaved
             stage = step_jobs(self.gen, [self])
             if self.error is not None:
                 raise self.error
             return stage
 
-    def result(self) -> list[Image.Image]:
-        while not self.done:
-            self.step()
+    def _result(self) -> list[Image.Image]:
         return self._images
 
-    def cancel(self) -> None:
-        """Stop here: the job holds nothing afterwards (its sessions may close)."""
-        with self.gen._lock:
-            self._close()
-
-    def _fail(self, err: BaseException) -> None:
-        self.error = err
-        self._close()
-
-    def _close(self) -> None:
+    def _release(self) -> None:
         self.latents = self.state = self.cond = self._features_in = self._negative_in = None
-        if self._open:
-            self._open = False
-            self.gen._job_finished(self)  # a finished or failed job holds no session open
 
 
 def step_jobs(gen, jobs: list[GenerationJob]) -> str:
     """The next session call for `jobs` (equal `key()`); returns the stage it ran. A job whose
-    output fails its check gets `error` and is closed; the others go on. Call it holding
-    `gen._lock`."""
+    output fails its check gets `error` and is done; the others go on. A session call that
+    raises fails every job of the call. Call it holding `gen.lock`."""
     first = jobs[0]
     for job in jobs:
-        if job.error is not None:
-            raise RuntimeError(f"this generation failed: {job.error}")
-        if job.done or not job._open:
-            raise RuntimeError("this generation is finished; call result()")
         if job.key() != first.key():
             raise ValueError(f"jobs at {job.key()} and {first.key()} cannot share a call")
+    for job in jobs:
+        job._check_steppable()
     stage = first.stage
     try:
         _STEPS[stage](gen, jobs)
-    except BaseException:
+    except BaseException as err:
         for job in jobs:
-            job._close()
+            if not job.done:
+                job._fail(err)
         raise
     for job in jobs:
         job.done_steps += 1
-        if job.done:
-            job._close()
+        if job.stage == "done" and not job.done:
+            job._end()
     return stage
+
+
+def conditioning(gen, prompt: str, *, template: bool = True) -> np.ndarray:
+    """(1, 64, H) DiT conditioning: prefill over the prompt embeddings + latent queries."""
+    folder = gen.folder
+    ids = gen.prompts.generation_ids(prompt, template=template)
+    queries = folder.latent_queries  # (1, 64, H)
+    limit = folder.prefill_limit() - queries.shape[1]
+    if len(ids) > limit:
+        raise UserError(
+            f"prompt is {len(ids)} tokens; this engine folder's prefill takes at most "
+            f"{limit} (+ {queries.shape[1]} queries). Shorten the prompt."
+        )
+    embeds = np.concatenate([gen.embed(ids)[None], queries.astype(np.float32)], 1)  # (1, S, H)
+    s = embeds.shape[1]
+    positions = np.broadcast_to(np.arange(s, dtype=np.int64), (3, 1, s)).copy()
+    prefill = gen.session("prefill")
+    out = prefill.run({"inputs_embeds": embeds.astype(folder.io_dtype), "position_ids": positions})
+    hidden = prefill.to_host(out["hidden_states"]).astype(np.float32)  # (1, S, H)
+    gen.release("prefill")
+    return hidden[:, -queries.shape[1] :]  # (1, 64, H)
 
 
 def decode_latents(gen, jobs: list[GenerationJob]) -> list[np.ndarray]:
@@ -153,8 +161,7 @@ def decode_latents(gen, jobs: list[GenerationJob]) -> list[np.ndarray]:
 def _prefill(gen, jobs) -> None:
     io = gen.io_dtype
     for job in jobs:  # one: prefill keys are unique
-        gen._jobs.add(job)  # an open job: its stages' sessions stay open (low-memory mode)
-        cond = gen.conditioning(job.prompt, template=job.template)  # (1, 64, H) host array
+        cond = conditioning(gen, job.prompt, template=job.template)  # (1, 64, H) host array
         job.cond = np.repeat(cond, job.rows, axis=0).astype(io)
         job.latents = job.noise.astype(io)
         job.state = np.zeros_like(job.latents)  # the multistep state: the last velocity
@@ -177,7 +184,7 @@ def _dit(gen, jobs) -> None:
         grid = dit.to_host(job.latents).astype(np.float32)  # (N, C, 8, 8)
         features = grid.reshape(grid.shape[0], grid.shape[1], -1).transpose(0, 2, 1).copy()
         try:
-            checks.finite("the DiT's image features", features, HINT)
+            validate.finite("the DiT's image features", features, HINT)
         except Exception as err:
             job._fail(err)
             continue
@@ -193,7 +200,7 @@ def _dit(gen, jobs) -> None:
 def _unet(gen, jobs) -> None:
     first, unet = jobs[0], gen.session("unet_step")
     if first._negative_in is None:  # read at its first UNet call (the DiT stage needs none)
-        first._negative_in = gen.negative_features().astype(gen.io_dtype)  # (1, 64, C)
+        first._negative_in = gen.folder.negative_features.astype(gen.io_dtype)  # (1, 64, C)
     feeds = unet_feeds(
         first.decoder.calls[first.call], _rows(unet, jobs, "latents"), _rows(unet, jobs, "state"),
         _rows(unet, jobs, "_features_in"), first._negative_in, first.params.decoder_guidance,
@@ -211,7 +218,7 @@ def _unet(gen, jobs) -> None:
 def _vae(gen, jobs) -> None:
     for job, images in zip(jobs, decode_latents(gen, jobs)):
         try:
-            checks.finite("the decoded image", images, HINT)
+            validate.finite("the decoded image", images, HINT)
         except Exception as err:
             job._fail(err)
             continue

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.schedule import (
+from runtime.jobs.schedule import (
     dpm_solver_schedule,
     euler_discrete_schedule,
     flow_sigmas,

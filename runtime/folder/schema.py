@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.samplers import DECODER_SAMPLERS, FLOW_SAMPLERS
-from runtime.schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
-from runtime.spec import PRECISIONS, spec_from_dict
+from runtime.folder.graphs import latent_side
+from runtime.folder.spec import PRECISIONS, spec_from_dict
+from runtime.jobs.samplers import DECODER_SAMPLERS, FLOW_SAMPLERS
+from runtime.jobs.schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS
 
 # The decoder's CFG negative (`sampler.decoder_negative`): "blank_prompt" (BLIP3-o 4b/8b as
 # published: the DiT's features of the blank prompt) or "zeros" (the dropped condition of a
@@ -225,7 +226,7 @@ SCHEMA = {
 }
 
 # Format -> (schema, the first runtime version that reads it). Format 2: the step graphs take
-# their sampler's coefficients (`runtime.samplers`) and the sampler section names the samplers.
+# their sampler's coefficients (`runtime.jobs.samplers`) and the sampler section names the samplers.
 # Format 3 (same fields): the decode graph takes its KV cache per layer (`cache_keys.{i}`,
 # `cache_values.{i}`); a folder of an older format is rebuilt.
 SCHEMAS = {3: (SCHEMA, "0.3.0")}
@@ -293,7 +294,7 @@ def _check_latent_shapes(manifest: dict) -> None:
     runtime draws its noise from the config and feeds it to the graphs."""
     cfg = manifest["config"]
     d, dec = cfg["dit"], cfg["decoder"]
-    side = dec["image_size"] // 2 ** (len(dec["vae_block_out_channels"]) - 1)
+    side = latent_side(dec)
     want = {
         "dit": (d["in_channels"], d["input_size"], d["input_size"], "config.dit"),
         "unet": (dec["latent_channels"], side, side, "config.decoder"),
