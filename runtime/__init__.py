@@ -10,7 +10,14 @@ Importing this package (and running a generation) never imports torch, transform
 
 from __future__ import annotations
 
-__all__ = ["Generator", "GeneratorParams"]
+from importlib import metadata
+
+__all__ = ["AnswerParams", "Generator", "GeneratorParams", "__version__"]
+
+try:
+    __version__ = metadata.version("blip3o-edge")
+except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"
 
 
 def __getattr__(name: str):
@@ -22,4 +29,8 @@ def __getattr__(name: str):
         from runtime.params import GeneratorParams
 
         return GeneratorParams
+    if name == "AnswerParams":
+        from runtime.params import AnswerParams
+
+        return AnswerParams
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

@@ -4,6 +4,12 @@
     python -m runtime answer out.png "Describe the image." --engines engines/tiny-fp32
     python -m runtime doctor --engines engines/tiny-fp32 [--json]
 
+The sampling options are derived from the params objects (`GeneratorParams` for `generate`,
+`AnswerParams` for `answer`): one option per field, typed and ranged by the dataclass, the ranges
+an engine folder narrows (images per call) read from the folder named by `--engines`. Each
+written image's line says its seed, and a PNG carries its prompt, seed, sampler settings and
+engine folder in its text chunks (`runtime.jobs.provenance`), so any image can be made again.
+
 User errors (`runtime.errors.UserError`: bad arguments, a missing or corrupt engine folder, an
 unreadable image, an output path that cannot be written) print one line and exit with status 2;
 a result that is not a number (NaN/inf) prints one line and exits with 1; anything else is a bug
@@ -18,14 +24,39 @@ import sys
 import time
 from pathlib import Path
 
-from runtime import validate
+from runtime import __version__, validate
 from runtime.errors import ResultError, UserError
 from runtime.folder.manifest import VERIFY_MODES
+from runtime.params import AnswerParams, GeneratorParams
 from runtime.params import add_arguments as add_params_arguments
 from runtime.params import from_arguments as params_from_arguments
 from runtime.sessions import BACKENDS
 
-DEFAULT_ENGINES = Path("engines/tiny-fp32")
+ENGINES_ENV = "BLIP3O_ENGINES"
+_TINY = Path("engines") / "tiny-fp32"
+
+
+def default_engines() -> Path:
+    """`$BLIP3O_ENGINES`, else `engines/tiny-fp32` under the working folder, else the one the
+    README's main command builds in this checkout (beside the `runtime` package)."""
+    if os.environ.get(ENGINES_ENV):
+        return Path(os.environ[ENGINES_ENV])
+    if _TINY.is_dir():
+        return _TINY
+    beside = Path(__file__).resolve().parents[1] / _TINY
+    return beside if beside.is_dir() else _TINY
+
+
+def folder_ranges(engines: Path | None) -> dict:
+    """The option ranges an engine folder narrows (`num_images`: its graphs' batch), for the
+    help text; {} when the folder cannot be read (the command itself says why, later)."""
+    from runtime.folder.engine_folder import EngineFolder
+
+    try:
+        low, high = EngineFolder(engines).batch_range()
+    except Exception:  # any unreadable folder: the generic ranges
+        return {}
+    return {"num_images": (low, high)}
 
 
 def _open(args):
@@ -81,11 +112,16 @@ def output_paths(out: Path, count: int) -> list[Path]:
 
 
 def cmd_generate(args) -> int:
+    from runtime.jobs.provenance import image_info, save_image
+
     timings: dict[str, float] = {}
     params = params_from_arguments(args)  # checked before any work, like the output paths
+    validate.text("prompt", args.prompt)
     paths = output_paths(args.out, params.num_images)
     with _open(args) as gen:
         job = gen.start(args.prompt, params)
+        for word in gen.prompts.unknown_words(args.prompt):
+            print(f"warning: {word!r} is not a word this model knows", file=sys.stderr)
         bar = _bar_or_none(job.total, args.quiet)
         while not job.done:
             start = time.perf_counter()
@@ -97,12 +133,13 @@ def cmd_generate(args) -> int:
         if bar is not None:
             bar.close()
         images = job.result()
+        info = image_info(job)
     for image, path in zip(images, paths):
         try:
-            image.save(path)
+            save_image(image, path, info)
         except OSError as err:  # disk full, or the folder changed since the check
             raise UserError(f"cannot write {path}: {err}") from err
-        print(path)
+        print(f"{path}\tseed={job.params.seed}")
     if args.timings:
         for stage, seconds in timings.items():
             print(f"{stage:<12} {seconds * 1000:9.1f} ms")
@@ -120,18 +157,17 @@ def _bar_or_none(total: int, quiet: bool):
 
 
 def cmd_answer(args) -> int:
+    params = params_from_arguments(args, AnswerParams)  # checked before opening anything
+    validate.text("question", args.question)
     with _open(args) as gen:
         start = time.perf_counter()
         if args.stream:
             gen.answer(
-                args.image,
-                args.question,
-                max_new_tokens=args.max_new_tokens,
-                stream=lambda s: print(s, end="", flush=True),
+                args.image, args.question, params, stream=lambda s: print(s, end="", flush=True)
             )
             print()
         else:
-            print(gen.answer(args.image, args.question, max_new_tokens=args.max_new_tokens))
+            print(gen.answer(args.image, args.question, params))
         if args.timings:
             print(f"answer: {(time.perf_counter() - start) * 1000:.1f} ms")
     return 0
@@ -155,11 +191,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(ranges: dict | None = None) -> argparse.ArgumentParser:
+    """The CLI; `ranges` narrows options' shown ranges to an engine folder's (`folder_ranges`)."""
     parser = Parser(prog="python -m runtime", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"blip3o-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     common = Parser(add_help=False)
-    common.add_argument("--engines", type=Path, default=DEFAULT_ENGINES, help="engine folder")
+    common.add_argument(
+        "--engines",
+        type=Path,
+        default=default_engines(),
+        help=f"engine folder (default: ${ENGINES_ENV}, else %(default)s)",
+    )
     common.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     common.add_argument(
         "--device",
@@ -180,13 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", parents=[common], help="text to image")
     g.add_argument("prompt")
     g.add_argument("--out", default="out.png", help="output image (suffixed -i for several)")
-    add_params_arguments(g)  # one option per GeneratorParams field
+    add_params_arguments(g, GeneratorParams, ranges=ranges)  # one option per field
     g.set_defaults(func=cmd_generate)
 
     a = sub.add_parser("answer", parents=[common], help="answer a question about an image")
     a.add_argument("image", type=Path)
     a.add_argument("question")
-    a.add_argument("--max-new-tokens", type=int, default=32)
+    add_params_arguments(a, AnswerParams)  # one option per field
     a.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
     a.set_defaults(func=cmd_answer)
 
@@ -204,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    ranges = folder_ranges(_engines_of(argv)) if {"-h", "--help"} & set(argv) else {}
+    args = build_parser(ranges).parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
@@ -216,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _engines_of(argv: list[str]) -> Path:
+    """The `--engines` an argument list names (the default when none)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--engines", type=Path, default=default_engines())
+    return pre.parse_known_args(argv)[0].engines
 
 
 def _one_line(err: Exception) -> str:

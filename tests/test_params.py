@@ -9,7 +9,7 @@ import pytest
 
 from runtime.cli import build_parser, main
 from runtime.errors import UserError
-from runtime.params import GeneratorParams, from_arguments
+from runtime.params import AnswerParams, GeneratorParams, from_arguments, settings_of
 
 SAMPLER = {
     "sampler": "euler",
@@ -96,14 +96,16 @@ def test_the_cli_refuses_a_bad_value_before_opening_anything(tmp_path, capsys):
     assert code == 2 and err == "error: steps must be in [1, 1000], got 0\n"
 
 
-def test_the_cpp_header_has_the_same_fields():
+@pytest.mark.parametrize("cls", [GeneratorParams, AnswerParams])
+def test_the_cpp_header_has_the_same_fields(cls):
     header = (Path(__file__).resolve().parents[1] / "runtime/cpp/blip3o.hpp").read_text()
-    body = re.search(r"struct GeneratorParams \{(.*?)\};", header, re.S).group(1)
+    fields = list(settings_of(cls))
+    body = re.search(rf"struct {cls.__name__} \{{(.*?)\}};", header, re.S).group(1)
     names = re.findall(r"^\s*[\w:<>]+\s+(\w+)(?:\s*=[^;]*)?;", body, re.M)
-    assert names == FIELDS
+    assert names == fields
     # and each is passed on by name
-    call = re.search(r'attr\("GeneratorParams"\)\((.*?)\);', header, re.S).group(1)
-    assert re.findall(r'"(\w+)"_a', call) == FIELDS
+    call = re.search(rf'attr\("{cls.__name__}"\)\((.*?)\);', header, re.S).group(1)
+    assert re.findall(r'"(\w+)"_a', call) == fields
 
 
 def test_params_and_keywords_give_the_same_image(tiny_engine_dir):

@@ -152,3 +152,51 @@ def test_without_onnxruntime_generate_fails_in_one_line_naming_the_extras(
     with pytest.raises(UserError, match=r"needs ONNX Runtime.*blip3o-edge\[cpu\]"):
         importlib.import_module("runtime.sessions.onnxruntime")
     assert importlib.import_module("runtime.machine.doctor")  # doctor itself needs no onnxruntime
+
+
+def test_an_image_says_its_seed_and_carries_what_remakes_it(tiny_engine_dir, tmp_path, capsys):
+    """The output line names the seed; the PNG's text chunks hold the prompt, every sampler
+    setting and the folder, and the params read back from them draw the same image."""
+    from runtime import Generator
+    from runtime.cli import main
+    from runtime.jobs.provenance import params_of_info
+
+    out = tmp_path / "a.png"
+    argv = ["generate", "a blue square", "--engines", str(tiny_engine_dir), "--out", str(out)]
+    assert main([*argv, "--seed", "7", "--steps", "2", "--decoder-steps", "2", "-q"]) == 0
+    assert capsys.readouterr().out == f"{out}\tseed=7\n"
+    info = Image.open(out).text
+    assert info["prompt"] == "a blue square" and info["seed"] == "7"
+    assert info["engines"] == str(tiny_engine_dir) and info["Software"].startswith("blip3o-edge")
+    params = params_of_info(info)
+    assert (params.steps, params.decoder_steps, params.preset) == (2, 2, None)
+    assert params.guidance is not None and params.decoder_sampler is not None  # resolved
+    with Generator.from_dir(tiny_engine_dir) as gen:
+        again = gen.generate(info["prompt"], params)[0]
+    assert list(again.getdata()) == list(Image.open(out).convert("RGB").getdata())
+
+
+def test_answer_takes_the_answer_params_as_options(tiny_engine_dir, capsys):
+    """`answer`'s options are AnswerParams' fields; a bad one is one line, before any work."""
+    from runtime.cli import build_parser, main
+    from runtime.params import AnswerParams, settings_of
+
+    answer = build_parser()._subparsers._group_actions[0].choices["answer"]
+    options = {a.dest for a in answer._actions if a.option_strings}
+    assert set(settings_of(AnswerParams)) <= options
+    code = main(["answer", "x.png", "q", "--engines", str(tiny_engine_dir), "--top-p", "2"])
+    assert code == 2 and capsys.readouterr().err == "error: top_p must be in [0.0, 1.0], got 2.0\n"
+
+
+def test_version_and_help_ranges_from_the_folder(tiny_engine_dir, capsys):
+    from runtime import __version__
+    from runtime.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"blip3o-edge {__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help", "--engines", str(tiny_engine_dir)])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "images per prompt, one batch, in [1, 4]" in text  # the folder's batch, not 1024
+    assert "(default: $BLIP3O_ENGINES, else" in text

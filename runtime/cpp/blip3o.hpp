@@ -93,6 +93,15 @@ struct GeneratorParams {
   std::optional<std::string> preset;           // a preset of the engine folder, e.g. "fast"
 };
 
+// The answer's sampling options: Python's `runtime.params.AnswerParams`, field for field
+// (checked by tests/test_params.py); greedy unless `temperature` > 0.
+struct AnswerParams {
+  int max_new_tokens = 32;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  std::int64_t seed = 0;
+};
+
 namespace detail {
 
 // Owns the interpreter this header started. It releases the GIL right after start-up so any
@@ -230,8 +239,10 @@ class BLIP3O_HIDDEN Generator {
     });
   }
 
-  // Greedy answer to `question` about `image` (decoded text, at most `max_new_tokens` tokens).
-  std::string answer(const Image& image, const std::string& question, int max_new_tokens = 32) {
+  // The answer to `question` about `image` (decoded text), sampled as `params` says (greedy
+  // by default).
+  std::string answer(const Image& image, const std::string& question,
+                     const AnswerParams& params = {}) {
     namespace py = pybind11;
     using namespace py::literals;
     if (image.width < 0 || image.height < 0 ||
@@ -241,13 +252,22 @@ class BLIP3O_HIDDEN Generator {
                   std::to_string(static_cast<long long>(image.width) * image.height * 3) +
                   " RGB bytes, got " + std::to_string(image.rgb.size()));
     return detail::call_python([&] {
-      // (H, W, 3) uint8, copied from the caller's buffer: runtime.jobs.answer.load_image
+      // (H, W, 3) uint8, copied from the caller's buffer: runtime.host.image.load_image
       // takes exactly this, and the copy frees the caller from any lifetime rule.
       py::array_t<std::uint8_t> pixels({image.height, image.width, 3}, image.rgb.data());
-      return handle()
-          .attr("answer")(pixels, question, "max_new_tokens"_a = max_new_tokens)
-          .cast<std::string>();
+      py::object py_params = py::module_::import("runtime.params").attr("AnswerParams")(
+          "max_new_tokens"_a = params.max_new_tokens, "temperature"_a = params.temperature,
+          "top_p"_a = params.top_p, "seed"_a = params.seed);
+      return handle().attr("answer")(pixels, question, py_params).cast<std::string>();
     });
+  }
+
+  // Kept for one release (0.4): a greedy answer of at most `max_new_tokens` tokens.
+  [[deprecated("use answer(image, question, AnswerParams{...})")]]
+  std::string answer(const Image& image, const std::string& question, int max_new_tokens) {
+    AnswerParams params;
+    params.max_new_tokens = max_new_tokens;
+    return answer(image, question, params);
   }
 
   // Frees the sessions now (they also go with the Generator); later calls reopen them lazily.

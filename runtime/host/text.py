@@ -110,5 +110,17 @@ class PromptEncoder:
         user = t["image_chat"].format(image=t["image_pad"] * num_image_tokens, question=_SLOT)
         return np.array(self.encode(self._chat(user), question), dtype=np.int64)
 
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The prompt's words outside the vocabulary the model was trained on, when the folder
+        records one (`template.vocabulary`: the tiny model's shapes-world words; a general
+        model records none and knows every word). Such words are tokenized all the same, but
+        the model has never seen them: what it draws for them is noise."""
+        vocabulary = self.template.get("vocabulary")
+        if not vocabulary or not isinstance(prompt, str):
+            return []
+        known = set(vocabulary)
+        words = re.findall(r"[^\W\d_]+", prompt.lower())
+        return list(dict.fromkeys(w for w in words if w not in known))
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
