@@ -7,7 +7,7 @@ Two token jobs open at once on one Generator, the same image and question: `shor
 right after the prefill (its cache sized for the prompt + `--tokens`); `long` first appends
 tokens until its position is `--tokens` rows short of the decode graph's capacity (the largest
 cache the folder allows). Then they decode interleaved, one token each in turn, so both see the
-same machine load. Each timed token is one `generate_next_token()` (the decode graph on the
+same machine load. Each timed token is one `step()` (the decode graph on the
 job's per-layer cache, the one-row write, the sampler); eos is disabled for the run so both
 decode exactly `--tokens` tokens. Reports min / median ms per token per context and the ratio
 long/short (target <= 1.3 on tiny: with a cache that grew by copy, every token copied the whole
@@ -36,26 +36,25 @@ QUESTION = "Describe the image."
 
 def _timed_token(job) -> float:
     start = time.perf_counter()
-    job.generate_next_token()
+    job.step()
     return (time.perf_counter() - start) * 1000
 
 
 def measure(engines: Path, *, tokens: int = 48, threads: int | None = 1) -> dict:
-    from runtime.folder.manifest import graph_spec
     from runtime.generator import Generator
 
     options = {"threads": threads} if threads else {}
     image = np.full((64, 64, 3), 255, np.uint8)
     image[8:28, 30:50] = (40, 80, 220)
     with Generator.from_dir(engines, verify=False, session_options=options) as gen:
-        gen.config = copy.deepcopy(gen.config)
+        gen.folder.config = copy.deepcopy(gen.folder.config)
         gen.config["backbone"]["eos_token_id"] = -1  # no early stop: both decode `tokens`
-        capacity = graph_spec(gen.manifest, "decode").dim("capacity").max
+        capacity = gen.folder.spec("decode").dim("capacity").max
         jobs = {
             "short": gen.start_answer(image, QUESTION, max_new_tokens=tokens + 4),
             "long": gen.start_answer(image, QUESTION, max_new_tokens=capacity),
         }
-        first = {name: job.generate_next_token() for name, job in jobs.items()}  # prefill
+        first = {name: job.step() for name, job in jobs.items()}  # prefill
         fill = capacity - tokens - 4 - jobs["long"]._position  # room for warm-up + timed
         if fill < 0:
             raise SystemExit(
