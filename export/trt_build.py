@@ -3,8 +3,10 @@
 Every decision (precision, flags, profiles, workspace, file name, cache key) is made and tested in
 `export.trt_plan`; this module hands the plan to the TensorRT Python API and writes the engine
 atomically. TensorRT is the `trt` extra (`pip install blip3o-edge[trt]`) and is imported inside
-functions, so the rest of the exporter imports without it. It cannot be installed in this
-workplace: `tests/test_trt_build.py` runs only where it is.
+functions, so the rest of the exporter imports without it. Its full builder cannot be installed
+in this workplace: `tests/test_trt_build.py` runs only where it is; here the calls run over the
+simulated builder (`tests/test_trt_simulated.py`) and are checked against the builder bindings
+of TensorRT 10.3 and 11.4 (`tests/test_trt_conformance.py`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ def _tensorrt():
         import tensorrt
     except ImportError as err:
         raise RuntimeError(
-            "building engines needs TensorRT >= 10: install the `trt` extra "
-            "(pip install 'blip3o-edge[trt]') on a machine with an NVIDIA GPU"
+            "building engines needs TensorRT >= 10.3: install the `trt` extra (pip install "
+            "'blip3o-edge[trt]', CUDA 12; `trt-cu13` for CUDA 13) on a machine with an NVIDIA "
+            "GPU, or use JetPack's TensorRT on a Jetson (docs/tensorrt.md)"
         ) from err
     return tensorrt
 
@@ -60,7 +63,8 @@ def build_engine(
     """Build `plan`'s engine from `onnx_path` into `out_path`; reuse and update `timing_cache`.
 
     The network is created with the plan's flags (STRONGLY_TYPED), so layer precisions come from
-    the ONNX. External weights are read from the ONNX file's folder.
+    the ONNX; the plan's cleared flags (TF32) are cleared. External weights are read from the
+    ONNX file's folder.
     """
     trt = _tensorrt()
     onnx_path, out_path, timing_cache = Path(onnx_path), Path(out_path), Path(timing_cache)
@@ -80,6 +84,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     for name in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, name))
+    for name in plan.cleared_flags:  # TF32: on by default, and fp32 means fp32 here
+        config.clear_flag(getattr(trt.BuilderFlag, name))
     for shapes in plan.profiles:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():

@@ -10,6 +10,10 @@ it is unit-tested without TensorRT; `export.trt_build` only hands a plan to the 
   or a Q/DQ INT8/FP8 graph), with norms, softmax and RoPE left in fp32 where the exporter put them.
   No FP16/BF16/INT8/FP8 builder flags are set (TensorRT rejects them on strongly typed networks),
   and a naive `--fp16` build is what wrecks the vision tower (cosine 0.14 vs 0.9997 typed).
+- TF32 is off: TensorRT turns `BuilderFlag.TF32` on by default, which computes fp32 matmuls and
+  convolutions with 10-bit mantissas. Our fp32 is fp32: the whole of an fp32 engine, and the
+  layers 16-bit and Q/DQ graphs keep in fp32 on purpose (norms, softmax, excluded modules), so
+  every plan clears it (`cleared_flags`), and the cache key says so.
 - Profiles are `runtime.folder.spec.trt_profile(spec)`, never re-typed. CUDA graphs need static
   shapes:
   the step graphs have a dynamic `batch` (`cfg_batch` = 2 x batch for the CFG graphs), so
@@ -45,6 +49,7 @@ from runtime.machine.hardware import check_sm as _check_sm
 
 NETWORK_FLAGS = ("STRONGLY_TYPED",)
 BUILDER_FLAGS: tuple[str, ...] = ()  # precision flags are forbidden on strongly typed networks
+CLEARED_FLAGS = ("TF32",)  # on by default in TensorRT; fp32 layers stay fp32 (module docstring)
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 BATCH_DIMS = {"batch": 1, "cfg_batch": 2}  # dim -> multiple of static_batch it is pinned to
 _VERSION = re.compile(r"^\d+(\.\d+)*$")
@@ -129,6 +134,7 @@ class EnginePlan:
     sm: tuple[int, int]
     network_flags: tuple[str, ...]
     builder_flags: tuple[str, ...]
+    cleared_flags: tuple[str, ...]
     profiles: tuple[dict[str, tuple[tuple[int, ...], ...]], ...]
     workspace_bytes: int
     static_batch: int | None
@@ -136,6 +142,15 @@ class EnginePlan:
     cuda_graph: bool
     engine_file: str
     cache_key: str
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The flags the cache key hashes: network and builder flags set, `-NAME` cleared."""
+        return key_flags(self.network_flags, self.builder_flags, self.cleared_flags)
+
+
+def key_flags(network, builder, cleared) -> tuple[str, ...]:
+    return tuple(network) + tuple(builder) + tuple(f"-{f}" for f in cleared)
 
 
 def input_dtypes(spec: GraphSpec, precision: str) -> dict[str, str]:
@@ -187,7 +202,7 @@ def plan_engines(
         raise ValueError(f"no ONNX file for graph(s) {missing}; have: {', '.join(onnx_files)}")
     if not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
         raise ValueError(f"workspace_bytes must be a positive int, got {workspace_bytes!r}")
-    flags = NETWORK_FLAGS + BUILDER_FLAGS
+    flags = key_flags(NETWORK_FLAGS, BUILDER_FLAGS, CLEARED_FLAGS)
     plans = []
     for name in names:
         spec = specs[name]
@@ -209,6 +224,7 @@ def plan_engines(
                 sm=_check_sm(sm),
                 network_flags=NETWORK_FLAGS,
                 builder_flags=BUILDER_FLAGS,
+                cleared_flags=CLEARED_FLAGS,
                 profiles=profiles,
                 workspace_bytes=workspace_bytes,
                 static_batch=pinned,

@@ -1,20 +1,25 @@
-"""A simulated CUDA device and TensorRT, in numpy, for testing `runtime.sessions.tensorrt` on CPU.
+"""A simulated CUDA device and TensorRT, in numpy, for testing the TensorRT session on CPU.
 
 `install(monkeypatch)` puts fake `tensorrt`, `cuda`, `cuda.bindings` and `cuda.bindings.runtime`
-modules into `sys.modules`, so the TensorRT session's own imports pick them up and its control
-flow runs unchanged. The fakes keep the rules a GPU enforces, loudly:
+modules into `sys.modules`, so the session's own imports pick them up and its control flow runs
+unchanged. The fakes follow the real APIs where our code meets them (checked against the real
+bindings by `tests/test_trt_conformance.py`) and keep the rules a GPU enforces, loudly:
 
-- device memory is numbered allocations (never reused); reading or writing an address that is
-  freed, unknown, or past the end of its allocation raises `SimulatedDeviceError`, as does
-  freeing twice or using a destroyed stream;
-- an engine reads its inputs and writes its outputs at the addresses bound on its context when
-  it runs (`set_tensor_address`); a captured CUDA graph replays with the addresses bound at
-  capture, whatever was bound since; the activation memory (`set_device_memory`) must be alive
-  and large enough, and is overwritten with garbage on every run (as another engine sharing it
-  would), so nothing may rely on it between runs;
-- engines compute for real: a plan file made by `write_plan` holds the graph's ONNX, run by
-  ONNX Runtime, so results can be compared with the onnxruntime backend.
-Work is executed eagerly when enqueued (one stream order is all the runtime relies on).
+- CUDA calls return `(cudaError_t, *values)` tuples and never raise: a double free, a destroyed
+  stream, a stream of another device than the thread's current one, are
+  error codes the caller must check; a fault inside queued work (use after free, access past an
+  allocation) is recorded in `Device.faults` and makes every later call return
+  `cudaErrorIllegalAddress` (sticky, as on a GPU);
+- work is queued per stream and runs only when something waits for it (`cudaStreamSynchronize`,
+  `cudaDeviceSynchronize`, `cudaFree`): a device-to-host copy read before a sync gives garbage,
+  so a missing sync shows; host-to-device copies read their source when enqueued (staging);
+- the current device is per thread (two devices exist), as in CUDA: an engine enqueued from a
+  thread whose current device is not its own fails;
+- streams are `cudaStream_t` objects, not ints; memory is numbered 256-byte aligned allocations,
+  never reused.
+The TensorRT half (`tests/simulated_tensorrt.py`) checks addresses (256-byte alignment), shapes,
+the stream handle's type, and computes for real: a plan file made by `write_plan` holds the
+graph's ONNX, run by ONNX Runtime, so results can be compared with the onnxruntime backend.
 """
 
 from __future__ import annotations
@@ -24,45 +29,88 @@ import enum
 import hashlib
 import json
 import sys
+import threading
 import types
 from pathlib import Path
 
 import numpy as np
 
-PLAN_MAGIC = b"SIMULATED-TRT-PLAN\n"
 TRT_VERSION, SM = "10.8.0", (9, 0)
-_TRT_DTYPES = {"float": "FLOAT", "float16": "HALF", "int64": "INT64", "int32": "INT32"}
+DEVICES = 2
 
 
 class SimulatedDeviceError(RuntimeError):
-    pass
+    """A fault inside queued work (recorded in `Device.faults`), or misuse of the test helpers."""
+
+
+class cudaError_t(enum.IntEnum):  # noqa: N801 - cuda-python's names and values
+    cudaSuccess = 0
+    cudaErrorInvalidValue = 1
+    cudaErrorMemoryAllocation = 2
+    cudaErrorInvalidDevice = 101
+    cudaErrorInvalidResourceHandle = 400
+    cudaErrorIllegalAddress = 700
+    cudaErrorStreamCaptureUnsupported = 900
+
+
+OK = cudaError_t.cudaSuccess
+
+
+class cudaStream_t:  # noqa: N801 - an object, as in cuda-python: int() gives the handle
+    def __init__(self, handle: int = 0) -> None:
+        self._handle = int(handle)
+
+    def __int__(self) -> int:
+        return self._handle
+
+    def getPtr(self) -> int:  # noqa: N802
+        return id(self)
+
+    def __repr__(self) -> str:
+        return f"<cudaStream_t {self._handle:#x}>"
+
+
+class cudaGraph_t:  # noqa: N801
+    def __init__(self, work=None) -> None:
+        self.work = list(work or [])
+
+
+class cudaGraphExec_t:  # noqa: N801
+    def __init__(self, work=None) -> None:
+        self.work = list(work or [])
 
 
 class Device:
-    """The memory, streams and graphs of one simulated GPU; counters for the tests."""
+    """The memory, streams and graphs of the simulated GPUs; counters for the tests."""
 
     def __init__(self) -> None:
         self.memory: dict[int, np.ndarray] = {}  # base address -> bytes
+        self.owner: dict[int, int] = {}  # base address -> device index
         self.freed: dict[int, int] = {}  # base address -> size of freed allocations
         self.next = 0x10000
-        self.streams: set[int] = set()
-        self.next_stream = 1
+        self.streams: dict[int, int] = {}  # handle -> device index
+        self.queues: dict[int, list] = {}  # handle -> pending work, in order
+        self.next_stream = 0x7000
         self.capturing: dict[int, list] = {}  # stream -> recorded launches
+        self.faults: list[str] = []
         self.launches = self.replays = self.executions = 0
+        self._thread = threading.local()
 
-    # memory ----------------------------------------------------------------------------------
+    # the per-thread current device -------------------------------------------------------
+    @property
+    def current(self) -> int:
+        return getattr(self._thread, "device", 0)
+
+    @current.setter
+    def current(self, index: int) -> None:
+        self._thread.device = index
+
+    # memory ------------------------------------------------------------------------------
     def malloc(self, nbytes: int) -> int:
-        if nbytes <= 0:
-            raise SimulatedDeviceError(f"cudaMalloc of {nbytes} bytes")
         ptr, self.next = self.next, self.next + ((nbytes + 255) // 256 + 1) * 256
         self.memory[ptr] = np.full(nbytes, 0xAB, np.uint8)  # garbage, like fresh cudaMalloc
+        self.owner[ptr] = self.current
         return ptr
-
-    def free(self, ptr: int) -> None:
-        if ptr not in self.memory:
-            state = "already freed" if ptr in self.freed else "never allocated"
-            raise SimulatedDeviceError(f"cudaFree({ptr:#x}): {state}")
-        self.freed[ptr] = len(self.memory.pop(ptr))
 
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
         """The bytes [ptr, ptr + nbytes) of one live allocation, or a loud error."""
@@ -81,21 +129,26 @@ class Device:
     def live(self) -> int:
         return len(self.memory)
 
-    # streams ---------------------------------------------------------------------------------
-    def stream(self, stream) -> int:
-        handle = int(stream)
-        if handle not in self.streams:
-            raise SimulatedDeviceError(f"stream {handle} does not exist (destroyed?)")
-        return handle
-
+    # streams and queued work -------------------------------------------------------------
     def enqueue(self, stream, work) -> None:
-        """Run `work` now, or record it when the stream is capturing (only engine launches may
-        be captured: the runtime captures nothing else)."""
-        handle = self.stream(stream)
+        """Queue `work` on its stream, or record it when the stream is capturing."""
+        handle = int(stream)
         if handle in self.capturing:
             self.capturing[handle].append(work)
         else:
-            work()
+            self.queues[handle].append(work)
+
+    def drain(self, handle: int | None = None) -> None:
+        """Run the pending work of one stream (or all); a fault is recorded, and sticks."""
+        for h in [handle] if handle is not None else list(self.queues):
+            queue = self.queues.get(h, [])
+            while queue and not self.faults:
+                work = queue.pop(0)
+                try:
+                    work()
+                except SimulatedDeviceError as err:
+                    self.faults.append(str(err))
+            queue.clear()
 
 
 DEVICE: Device | None = None
@@ -105,124 +158,215 @@ DEVICE: Device | None = None
 def _cuda_module(device: Device) -> types.ModuleType:
     rt = types.ModuleType("cuda.bindings.runtime")
 
-    class cudaMemcpyKind(enum.IntEnum):
+    class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
         cudaMemcpyHostToHost = 0
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
         cudaMemcpyDeviceToDevice = 3
+        cudaMemcpyDefault = 4
 
-    class cudaStreamCaptureMode(enum.IntEnum):
+    class cudaStreamCaptureMode(enum.IntEnum):  # noqa: N801
         cudaStreamCaptureModeGlobal = 0
         cudaStreamCaptureModeThreadLocal = 1
+        cudaStreamCaptureModeRelaxed = 2
 
-    class cudaStream_t(int):
-        pass
+    class cudaDeviceProp:  # noqa: N801
+        def __init__(self) -> None:
+            self.major, self.minor, self.name = SM[0], SM[1], b"Simulated GPU"
 
-    ok = 0
+    def api(fn):
+        """A CUDA call: sticky faults first, then the call's own checks."""
 
-    def props(index):
-        return ok, types.SimpleNamespace(major=SM[0], minor=SM[1], name="Simulated GPU")
+        def call(*args):
+            if device.faults:
+                return (cudaError_t.cudaErrorIllegalAddress,) + (None,) * (fn.values)
+            return fn(*args)
 
-    def malloc(nbytes):
-        return ok, device.malloc(int(nbytes))
+        call.__name__ = fn.__name__
+        return call
 
-    def free(ptr):
-        device.free(int(ptr))
-        return (ok,)
+    def values(n):
+        def mark(fn):
+            fn.values = n
+            return fn
+
+        return mark
+
+    def stream_ok(stream) -> cudaError_t:
+        if not isinstance(stream, cudaStream_t) and type(stream) is not int:
+            return cudaError_t.cudaErrorInvalidValue
+        handle = int(stream)
+        if handle not in device.streams:
+            return cudaError_t.cudaErrorInvalidResourceHandle
+        if device.streams[handle] != device.current:
+            return cudaError_t.cudaErrorInvalidResourceHandle
+        return OK
+
+    @values(0)
+    def cudaSetDevice(index):  # noqa: N802
+        if not 0 <= int(index) < DEVICES:
+            return (cudaError_t.cudaErrorInvalidDevice,)
+        device.current = int(index)
+        return (OK,)
+
+    @values(1)
+    def cudaGetDevice():  # noqa: N802
+        return OK, device.current
+
+    @values(1)
+    def cudaGetDeviceCount():  # noqa: N802
+        return OK, DEVICES
+
+    @values(1)
+    def cudaGetDeviceProperties(index):  # noqa: N802
+        if not 0 <= int(index) < DEVICES:
+            return cudaError_t.cudaErrorInvalidDevice, None
+        return OK, cudaDeviceProp()
+
+    @values(1)
+    def cudaMalloc(nbytes):  # noqa: N802
+        if int(nbytes) <= 0:
+            return cudaError_t.cudaErrorInvalidValue, None
+        return OK, device.malloc(int(nbytes))
+
+    @values(0)
+    def cudaFree(ptr):  # noqa: N802
+        device.drain()  # cudaFree waits for the device's pending work
+        if device.faults:
+            return (cudaError_t.cudaErrorIllegalAddress,)
+        ptr = int(ptr)
+        if ptr not in device.memory:
+            return (cudaError_t.cudaErrorInvalidValue,)  # already freed, or never allocated
+        device.freed[ptr] = len(device.memory.pop(ptr))
+        device.owner.pop(ptr)
+        return (OK,)
 
     def _host(ptr: int, nbytes: int) -> np.ndarray:
         return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
 
-    def _src(ptr, nbytes, kind):
-        on_device = kind in (
-            cudaMemcpyKind.cudaMemcpyDeviceToHost,
-            cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-        )
-        return device.view(ptr, nbytes) if on_device else _host(ptr, nbytes)
+    def _copy(dst, src, nbytes, kind):
+        """The work of one copy; a host source is read now (staged), the rest when it runs."""
+        kinds = cudaMemcpyKind
+        host_src = kind in (kinds.cudaMemcpyHostToDevice, kinds.cudaMemcpyHostToHost)
+        to_host = kind in (kinds.cudaMemcpyDeviceToHost, kinds.cudaMemcpyHostToHost)
+        staged = _host(src, nbytes).copy() if host_src else None
 
-    def _dst(ptr, nbytes, kind):
-        on_device = kind in (
-            cudaMemcpyKind.cudaMemcpyHostToDevice,
-            cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-        )
-        return device.view(ptr, nbytes) if on_device else _host(ptr, nbytes)
-
-    def memcpy_async(dst, src, nbytes, kind, stream):
         def work():
-            _dst(int(dst), int(nbytes), kind)[:] = _src(int(src), int(nbytes), kind)
+            data = staged if host_src else device.view(src, nbytes)
+            (_host(dst, nbytes) if to_host else device.view(dst, nbytes))[:] = data
 
-        device.enqueue(stream, work)
-        return (ok,)
+        return work
 
-    def memcpy2d_async(dst, dpitch, src, spitch, width, height, kind, stream):
-        def work():
-            for row in range(int(height)):
-                d = _dst(int(dst) + row * int(dpitch), int(width), kind)
-                d[:] = _src(int(src) + row * int(spitch), int(width), kind)
+    @values(0)
+    def cudaMemcpyAsync(dst, src, nbytes, kind, stream):  # noqa: N802
+        if (err := stream_ok(stream)) != OK:
+            return (err,)
+        if not isinstance(kind, cudaMemcpyKind):
+            return (cudaError_t.cudaErrorInvalidValue,)
+        device.enqueue(stream, _copy(int(dst), int(src), int(nbytes), kind))
+        return (OK,)
 
-        device.enqueue(stream, work)
-        return (ok,)
+    @values(0)
+    def cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream):  # noqa: N802
+        if (err := stream_ok(stream)) != OK:
+            return (err,)
+        if int(width) > int(dpitch) or int(width) > int(spitch):
+            return (cudaError_t.cudaErrorInvalidValue,)
+        rows = [
+            _copy(int(dst) + r * int(dpitch), int(src) + r * int(spitch), int(width), kind)
+            for r in range(int(height))
+        ]
+        device.enqueue(stream, lambda: [row() for row in rows])
+        return (OK,)
 
-    def stream_create(flags):
-        handle, device.next_stream = device.next_stream, device.next_stream + 1
-        device.streams.add(handle)
-        return ok, cudaStream_t(handle)
+    @values(1)
+    def cudaStreamCreateWithFlags(flags):  # noqa: N802
+        handle, device.next_stream = device.next_stream, device.next_stream + 0x100
+        device.streams[handle], device.queues[handle] = device.current, []
+        return OK, cudaStream_t(handle)
 
-    def stream_sync(stream):
-        device.stream(stream)
-        return (ok,)
+    @values(0)
+    def cudaStreamSynchronize(stream):  # noqa: N802
+        if (err := stream_ok(stream)) != OK:
+            return (err,)
+        device.drain(int(stream))
+        return (cudaError_t.cudaErrorIllegalAddress if device.faults else OK,)
 
-    def stream_destroy(stream):
-        device.streams.discard(device.stream(stream))
-        return (ok,)
+    @values(0)
+    def cudaDeviceSynchronize():  # noqa: N802
+        device.drain()
+        return (cudaError_t.cudaErrorIllegalAddress if device.faults else OK,)
 
-    def begin_capture(stream, mode):
-        device.capturing[device.stream(stream)] = []
-        return (ok,)
+    @values(0)
+    def cudaStreamDestroy(stream):  # noqa: N802
+        if (err := stream_ok(stream)) != OK:
+            return (err,)
+        device.drain(int(stream))
+        del device.streams[int(stream)], device.queues[int(stream)]
+        return (OK,)
 
-    def end_capture(stream):
-        return ok, ("graph", device.capturing.pop(device.stream(stream)))
+    @values(0)
+    def cudaStreamBeginCapture(stream, mode):  # noqa: N802
+        if (err := stream_ok(stream)) != OK:
+            return (err,)
+        device.capturing[int(stream)] = []
+        return (OK,)
 
-    def instantiate(graph, flags):
-        return ok, ("exec", list(graph[1]))
+    @values(1)
+    def cudaStreamEndCapture(stream):  # noqa: N802
+        if (err := stream_ok(stream)) != OK or int(stream) not in device.capturing:
+            return err if err != OK else cudaError_t.cudaErrorInvalidValue, None
+        return OK, cudaGraph_t(device.capturing.pop(int(stream)))
 
-    def launch(exec_, stream):
+    @values(1)
+    def cudaGraphInstantiate(graph, flags):  # noqa: N802
+        if not isinstance(graph, cudaGraph_t):
+            return cudaError_t.cudaErrorInvalidValue, None
+        return OK, cudaGraphExec_t(graph.work)
+
+    @values(0)
+    def cudaGraphLaunch(exec_, stream):  # noqa: N802
+        if (err := stream_ok(stream)) != OK:
+            return (err,)
+        if not isinstance(exec_, cudaGraphExec_t):
+            return (cudaError_t.cudaErrorInvalidValue,)
+
         def work():
             device.replays += 1
-            for step in exec_[1]:
+            for step in exec_.work:
                 step()
 
         device.enqueue(stream, work)
-        return (ok,)
+        return (OK,)
 
-    names = {
-        "cudaSetDevice": lambda index: (ok,),
-        "cudaGetDeviceProperties": props,
-        "cudaMalloc": malloc,
-        "cudaFree": free,
-        "cudaMemcpyAsync": memcpy_async,
-        "cudaMemcpy2DAsync": memcpy2d_async,
-        "cudaStreamCreateWithFlags": stream_create,
-        "cudaStreamNonBlocking": 1,
-        "cudaStreamSynchronize": stream_sync,
-        "cudaStreamDestroy": stream_destroy,
-        "cudaDeviceSynchronize": lambda: (ok,),
-        "cudaStreamBeginCapture": begin_capture,
-        "cudaStreamEndCapture": end_capture,
-        "cudaGraphInstantiate": instantiate,
-        "cudaGraphLaunch": launch,
-        "cudaGraphExecDestroy": lambda e: (ok,),
-        "cudaGraphDestroy": lambda g: (ok,),
-        "cudaMemcpyKind": cudaMemcpyKind,
-        "cudaStreamCaptureMode": cudaStreamCaptureMode,
-        "cudaStream_t": cudaStream_t,
-    }
-    for name, value in names.items():
-        setattr(rt, name, value)
+    @values(0)
+    def cudaGraphExecDestroy(exec_):  # noqa: N802
+        return (OK,)
+
+    @values(0)
+    def cudaGraphDestroy(graph):  # noqa: N802
+        return (OK,)
+
+    functions = [
+        cudaSetDevice, cudaGetDevice, cudaGetDeviceCount, cudaGetDeviceProperties, cudaMalloc,
+        cudaFree, cudaMemcpyAsync, cudaMemcpy2DAsync, cudaStreamCreateWithFlags,
+        cudaStreamSynchronize, cudaDeviceSynchronize, cudaStreamDestroy, cudaStreamBeginCapture,
+        cudaStreamEndCapture, cudaGraphInstantiate, cudaGraphLaunch, cudaGraphExecDestroy,
+        cudaGraphDestroy,
+    ]  # fmt: skip
+    for fn in functions:
+        setattr(rt, fn.__name__, api(fn))
+    for value in (cudaMemcpyKind, cudaStreamCaptureMode, cudaDeviceProp, cudaError_t,
+                  cudaStream_t, cudaGraph_t, cudaGraphExec_t):  # fmt: skip
+        setattr(rt, value.__name__, value)
+    rt.cudaStreamNonBlocking = 1
     return rt
 
 
-# ---- tensorrt -----------------------------------------------------------------------------------
+# ---- folders and plans --------------------------------------------------------------------------
+PLAN_MAGIC = b"SIMULATED-TRT-PLAN\n"
+
+
 def write_plan(onnx_path: Path, out: Path) -> dict:
     """A simulated engine file for an ONNX graph; returns its manifest record {file, sha256}."""
     data = PLAN_MAGIC + Path(onnx_path).read_bytes()
@@ -234,146 +378,19 @@ def plan_name(graph: str, precision: str = "fp32") -> str:
     return f"{graph}.{precision}.trt{TRT_VERSION}.sm{SM[0]}{SM[1]}.plan"
 
 
-def _trt_module(device: Device) -> types.ModuleType:
-    import onnxruntime as ort
+def install(monkeypatch, wrap=None) -> Device:
+    """Substitute the simulated `tensorrt` and `cuda.bindings.runtime` modules on a fresh device.
+    `wrap(name, module)` may replace each module (the conformance tests' recording proxies)."""
+    from tests.simulated_tensorrt import trt_module
 
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = TRT_VERSION
-
-    class TensorIOMode(enum.Enum):
-        INPUT = 1
-        OUTPUT = 2
-
-    class ExecutionContextAllocationStrategy(enum.Enum):
-        STATIC = 0
-        USER_MANAGED = 2
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level=None) -> None:
-            pass
-
-    class DataType:
-        def __init__(self, name):
-            self.name = name
-
-    class Engine:
-        def __init__(self, onnx: bytes) -> None:
-            self.session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-            ins, outs = self.session.get_inputs(), self.session.get_outputs()
-            self.io = [(t, TensorIOMode.INPUT) for t in ins] + [
-                (t, TensorIOMode.OUTPUT) for t in outs
-            ]
-            self.num_io_tensors = len(self.io)
-            self.device_memory_size_v2 = 4096
-
-        def get_tensor_name(self, i):
-            return self.io[i][0].name
-
-        def _tensor(self, name):
-            return next(t for t, _ in self.io if t.name == name)
-
-        def get_tensor_mode(self, name):
-            return next(m for t, m in self.io if t.name == name)
-
-        def get_tensor_dtype(self, name):
-            kind = self._tensor(name).type[len("tensor(") : -1]
-            return DataType(_TRT_DTYPES.get(kind, kind.upper()))
-
-        def create_execution_context(self, strategy):
-            if strategy is not ExecutionContextAllocationStrategy.USER_MANAGED:
-                raise SimulatedDeviceError("the runtime manages activation memory itself")
-            return Context(self)
-
-    class Context:
-        def __init__(self, engine: Engine) -> None:
-            self.engine, self.addresses, self.shapes = engine, {}, {}
-            self.memory = None
-
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = int(ptr)
-            return True
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(int(n) for n in shape)
-            self._outputs = None
-            return True
-
-        def set_device_memory(self, ptr, size):
-            self.memory = (int(ptr), int(size))
-
-        def _dtype(self, name):
-            kind = self.engine._tensor(name).type[len("tensor(") : -1]
-            return np.dtype("float32" if kind == "float" else kind)
-
-        def _run(self, addresses, shapes):
-            """Read inputs at `addresses`, run ONNX Runtime, return {output: array}."""
-            feeds = {}
-            for t, mode in self.engine.io:
-                if mode is TensorIOMode.INPUT:
-                    shape, dtype = shapes[t.name], self._dtype(t.name)
-                    raw = device.view(addresses[t.name], int(np.prod(shape)) * dtype.itemsize)
-                    feeds[t.name] = raw.view(dtype).reshape(shape).copy()
-            names = [t.name for t, m in self.engine.io if m is TensorIOMode.OUTPUT]
-            return dict(zip(names, self.engine.session.run(names, feeds)))
-
-        def get_tensor_shape(self, name):
-            if getattr(self, "_outputs", None) is None:  # shape inference: run on zeros
-                names = [t.name for t, m in self.engine.io if m is TensorIOMode.OUTPUT]
-                zeros = {n: np.zeros(s, self._dtype(n)) for n, s in self.shapes.items()}
-                outs = self.engine.session.run(names, zeros)
-                self._outputs = {n: o.shape for n, o in zip(names, outs)}
-            return self._outputs[name]
-
-        def execute_async_v3(self, stream):
-            addresses, shapes, memory = dict(self.addresses), dict(self.shapes), self.memory
-
-            def work():
-                device.executions += 1
-                if memory is None:
-                    raise SimulatedDeviceError("execute without set_device_memory")
-                scratch = device.view(memory[0], memory[1])
-                if memory[1] < self.engine.device_memory_size_v2:
-                    raise SimulatedDeviceError("activation memory smaller than the engine needs")
-                outputs = self._run(addresses, shapes)
-                scratch[:] = np.random.default_rng().integers(0, 255, scratch.size, np.uint8)
-                for name, value in outputs.items():
-                    value = np.ascontiguousarray(value)
-                    device.view(addresses[name], value.nbytes)[:] = value.view(np.uint8).ravel()
-
-            device.launches += 1
-            device.enqueue(stream, work)
-            return True
-
-    class Runtime:
-        def __init__(self, logger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            if not bytes(data).startswith(PLAN_MAGIC):
-                return None
-            return Engine(bytes(data)[len(PLAN_MAGIC) :])
-
-    for name, value in {
-        "TensorIOMode": TensorIOMode,
-        "ExecutionContextAllocationStrategy": ExecutionContextAllocationStrategy,
-        "Logger": Logger,
-        "Runtime": Runtime,
-    }.items():
-        setattr(trt, name, value)
-    return trt
-
-
-def install(monkeypatch) -> Device:
-    """Substitute the simulated `tensorrt` and `cuda.bindings.runtime` modules; a fresh device."""
     global DEVICE
     DEVICE = device = Device()
-    rt = _cuda_module(device)
+    wrap = wrap or (lambda name, module: module)
+    rt = wrap("cuda.bindings.runtime", _cuda_module(device))
     cuda, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     cuda.bindings, bindings.runtime = bindings, rt
     for name, module in {
-        "tensorrt": _trt_module(device),
+        "tensorrt": wrap("tensorrt", trt_module(device)),
         "cuda": cuda,
         "cuda.bindings": bindings,
         "cuda.bindings.runtime": rt,

@@ -53,6 +53,7 @@ def test_profiles_are_the_spec_profiles_at_4b_dims(specs, onnx_files):
         assert plan.profiles == (trt_profile(specs[name]),)
         assert plan.network_flags == ("STRONGLY_TYPED",)
         assert plan.builder_flags == ()  # precision comes from the ONNX, not builder flags
+        assert plan.cleared_flags == ("TF32",)  # fp32 layers compute in fp32, not TF32
         assert plan.precision == "fp8" and plan.onnx_file == f"{name}.onnx"
     p = plans
     assert p["prefill"].profiles[0]["inputs_embeds"] == (
@@ -149,8 +150,9 @@ def test_plan_cache_key_is_content_not_names(specs, onnx_files):
         trt_version="10.8.0",
         sm=H100,
         profiles=dit.profiles,
-        flags=dit.network_flags + dit.builder_flags,
+        flags=dit.flags,
     )
+    assert dit.flags == ("STRONGLY_TYPED", "-TF32")  # TF32 cleared, and the key says so
     moved = {**onnx_files, "dit_step": {"file": "/elsewhere/x.onnx", "sha256": _sha("dit_step")}}
     assert _plans(specs, moved)["dit_step"].cache_key == dit.cache_key
     assert len({p.cache_key for p in plans.values()}) == len(plans)
@@ -298,7 +300,7 @@ def test_compute_capability_from_nvidia_smi(tmp_path, monkeypatch):
 
 
 def test_static_batch_pins_the_generation_graphs_and_names_the_folder(specs):
-    from export.plan import BuildError, BuildRequest, build, output_folder, pinned_specs
+    from export.build_plan import BuildError, BuildRequest, build, output_folder, pinned_specs
     from runtime.sessions.tensorrt import capturable
 
     pinned = pinned_specs(specs, 1)
