@@ -1,8 +1,8 @@
 """Argument checks shared by the Python API and the CLIs: one rule for every numeric argument.
 
 Python ints and numpy integers are integers; bools (Python or numpy) are not numbers here, so
-`steps=True` is refused rather than read as 1. Floats accept any real number type. Every refusal
-is a `UserError` naming the argument, the value and the allowed range.
+`steps=True` is refused rather than read as 1. Floats accept any real number type. Text must be
+valid Unicode. Every refusal is a `UserError` naming the argument, the value and the allowed range.
 """
 
 from __future__ import annotations
@@ -40,9 +40,19 @@ def number(name: str, value, low: float, high: float) -> float:
 
 
 def text(name: str, value, *, max_chars: int = 100_000) -> str:
-    """A non-empty str of at most `max_chars` characters."""
+    """A non-empty str of at most `max_chars` characters, valid Unicode (encodable as UTF-8:
+    no lone surrogate, which is also how Python hands over the undecodable bytes of a command
+    line or a file name), without NUL characters."""
     if not isinstance(value, str):
         raise UserTypeError(f"{name} must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = value[err.start]
+        raise UserError(
+            f"{name} is not valid Unicode text: {bad!r} at character {err.start} is a lone "
+            "surrogate (an undecodable byte, or half of a UTF-16 pair); send UTF-8 text"
+        ) from None
     if not value.strip():
         raise UserError(f"{name} is empty")
     if len(value) > max_chars:

@@ -191,7 +191,7 @@ def test_chat_stream_ends_in_done(url, gen):
             {"prompt": "x", "guidance_scale": "high"},
             400,
             "guidance_scale",
-            "'high'",
+            'guidance_scale must be a number, got "high"',
         ),
         ("images/generations", {"prompt": "x", "n": 99}, 400, "n", "got 99"),
         (
@@ -383,15 +383,15 @@ def test_full_queue_sheds_with_retry_after(tiny_engine_dir):
 
 def test_not_ready_is_503(tiny_engine_dir):
     gate = threading.Event()
-    from runtime.server import app as app_module
+    from runtime.server import state as state_module
 
-    start = app_module.State.start
+    start = state_module.State.start
 
     def slow_start(self):
         gate.wait(30)
         start(self)
 
-    app_module.State.start = slow_start
+    state_module.State.start = slow_start
     try:
         with local_server(ServerConfig(engines=tiny_engine_dir), wait_ready=False) as base:
             deadline = time.monotonic() + 10
@@ -409,7 +409,7 @@ def test_not_ready_is_503(tiny_engine_dir):
             assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
             gate.set()
     finally:
-        app_module.State.start = start
+        state_module.State.start = start
         gate.set()
 
 

@@ -1,4 +1,4 @@
-"""Step-level batching in the server's engine thread: compatible requests share session calls,
+"""Step-level batching in the server's scheduler thread: compatible requests share session calls,
 each keeps its own seed, and a batched image equals the same request run alone."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime.server import adapter
-from runtime.server.scheduler import Engine, ImageTask
+from runtime.server.scheduler import ImageTask, Scheduler
 
 STEPS, DECODER_STEPS = 3, 4
 
@@ -34,22 +34,22 @@ def task(gen, prompt, seed, n=1, guidance=None):
     return ImageTask(job)
 
 
-def run_all(engine, tasks):
+def run_all(scheduler, tasks):
     for t in tasks:
-        engine.submit(t)
+        scheduler.submit(t)
     for t in tasks:
-        assert t.wait(120), "the engine did not finish"
+        assert t.wait(120), "the scheduler did not finish"
         assert t.status == "succeeded", t.error
 
 
 def test_the_batch_limit_comes_from_the_graph_specs(gen):
     assert adapter.max_batch(gen) == 4  # dit_step, unet_step, vae_decoder: dynamic batch 1..4
     with pytest.raises(ValueError, match="max_batch must be in"):
-        Engine(gen, max_batch=5)
+        Scheduler(gen, max_batch=5)
 
 
 def test_batched_images_equal_each_request_alone(gen):
-    engine = Engine(gen)  # max_batch 4, max_running 4
+    scheduler = Scheduler(gen)  # max_batch 4, max_running 4
     try:
         # rows 1 + 1 + 2 = 4: one call per step for all three requests
         tasks = [
@@ -57,9 +57,9 @@ def test_batched_images_equal_each_request_alone(gen):
             task(gen, "a blue square", 2),
             task(gen, "a green triangle", 3, n=2),
         ]
-        run_all(engine, tasks)
-        assert engine.calls["dit"] == STEPS and engine.calls["unet"] == DECODER_STEPS
-        assert engine.calls["vae_decoder"] == 1 and engine.calls["prefill"] == 3
+        run_all(scheduler, tasks)
+        assert scheduler.calls["dit"] == STEPS and scheduler.calls["unet"] == DECODER_STEPS
+        assert scheduler.calls["vae_decoder"] == 1 and scheduler.calls["prefill"] == 3
         for t in tasks:
             p = t.job.params
             alone = gen.generate(
@@ -78,47 +78,47 @@ def test_batched_images_equal_each_request_alone(gen):
         a, b = (np.asarray(x) for x in tasks[2].images)
         assert not np.array_equal(a, b)
     finally:
-        engine.close()
+        scheduler.close()
 
 
 def test_incompatible_requests_do_not_share_a_call(gen):
-    engine = Engine(gen)
+    scheduler = Scheduler(gen)
     try:
         tasks = [
             task(gen, "a red circle", 1, guidance=3.0),
             task(gen, "a red circle", 1, guidance=2.0),
         ]
-        run_all(engine, tasks)
-        assert engine.calls["dit"] == 2 * STEPS  # guidance differs: one call each per step
+        run_all(scheduler, tasks)
+        assert scheduler.calls["dit"] == 2 * STEPS  # guidance differs: one call each per step
         # the first ran ahead (oldest first), so the two never meet at one UNet step either
-        assert engine.calls["unet"] == 2 * DECODER_STEPS
+        assert scheduler.calls["unet"] == 2 * DECODER_STEPS
         assert not np.array_equal(np.asarray(tasks[0].images[0]), np.asarray(tasks[1].images[0]))
     finally:
-        engine.close()
+        scheduler.close()
 
 
 def test_rows_over_the_limit_are_split(gen):
-    engine = Engine(gen, max_running=8)
+    scheduler = Scheduler(gen, max_running=8)
     try:
         tasks = [task(gen, "a red circle", s) for s in range(6)]
-        run_all(engine, tasks)
-        assert engine.calls["dit"] == 2 * STEPS  # 4 + 2 rows
+        run_all(scheduler, tasks)
+        assert scheduler.calls["dit"] == 2 * STEPS  # 4 + 2 rows
     finally:
-        engine.close()
+        scheduler.close()
 
 
 def test_one_at_a_time(gen):
-    engine = Engine(gen, max_batch=1, max_running=1)
+    scheduler = Scheduler(gen, max_batch=1, max_running=1)
     try:
         tasks = [task(gen, "a red circle", s) for s in range(3)]
-        run_all(engine, tasks)
-        assert engine.calls["dit"] == 3 * STEPS and engine.calls["vae_decoder"] == 3
+        run_all(scheduler, tasks)
+        assert scheduler.calls["dit"] == 3 * STEPS and scheduler.calls["vae_decoder"] == 3
     finally:
-        engine.close()
+        scheduler.close()
 
 
 def test_a_chat_answer_interleaves_with_image_calls(gen):
-    """Each engine turn decodes one token of every answer, then makes one image call: an
+    """Each scheduler turn decodes one token of every answer, then makes one image call: an
     answer finishes while a long image request runs, and equals `Generator.answer`."""
     from runtime.params import AnswerParams
     from runtime.server.scheduler import ChatTask
@@ -130,18 +130,18 @@ def test_a_chat_answer_interleaves_with_image_calls(gen):
     image_task = ImageTask(image)
     image_task.on_event = lambda kind, t, payload: events.append(("image", kind))
     chat.on_event = lambda kind, t, payload: events.append(("chat", kind))
-    engine = Engine(gen)
+    scheduler = Scheduler(gen)
     try:
-        engine.submit(image_task)
-        engine.submit(chat)
+        scheduler.submit(image_task)
+        scheduler.submit(chat)
         assert chat.wait(120) and image_task.wait(120)
     finally:
-        engine.close()
+        scheduler.close()
     assert chat.status == "succeeded" and image_task.status == "succeeded", chat.error
     assert chat.result.text == gen.answer(picture(), "Describe the image.", max_new_tokens=6)
     chat_done = events.index(("chat", "done"))
     assert ("image", "progress") in events[:chat_done]  # image calls ran during the answer
     assert events.index(("image", "done")) > chat_done  # and the answer did not wait for it
-    assert engine.calls["decode"] == chat.result.completion_tokens - 1 + (
+    assert scheduler.calls["decode"] == chat.result.completion_tokens - 1 + (
         chat.job.finish_reason == "eos"
     )

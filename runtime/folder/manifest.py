@@ -25,6 +25,11 @@ MANIFEST = "manifest.json"
 # Written by a build that changed a file; the first full verify of the folder removes it.
 UNVERIFIED = ".unverified"
 VERIFY_MODES = ("none", "fast", "full")
+MAX_MANIFEST_BYTES = 64 << 20  # 4b's is ~100 kB
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 class EngineFolderError(UserError):
@@ -45,7 +50,8 @@ def rebuild_hint(
         return "python export/build_engines.py --variant tiny"
     variant = manifest.get("variant", "tiny")
     cmd = f"python export/build_engines.py --variant {variant}"
-    checkpoint = manifest.get("checkpoint") or {}
+    checkpoint = manifest.get("checkpoint")
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}  # read before validation
     seed = str(checkpoint.get("hash") or "").removeprefix("random-weights-seed-")
     if seed.isdigit():
         cmd += " --random-weights" + (f" --seed {seed}" if seed != "0" else "")
@@ -106,9 +112,14 @@ def load_manifest(folder: str | Path) -> dict:
             f"{rebuild_hint(None)}"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise EngineFolderError(f"{path} is not valid JSON ({err}); rebuild the folder") from err
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"over {MAX_MANIFEST_BYTES >> 20} MiB")
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON, UTF-8, int digits
+        reason = " ".join(str(err).split())[:200]
+        raise EngineFolderError(
+            f"{path} is not valid JSON ({type(err).__name__}: {reason}); rebuild the folder"
+        ) from err
     if not isinstance(manifest, dict):
         raise EngineFolderError(f"{path} is not a JSON object; rebuild the folder")
     hint = rebuild_hint(manifest if isinstance(manifest.get("variant"), str) else None)

@@ -78,6 +78,14 @@ class GraphSpec:
             for d in t.shape:
                 if isinstance(d, str) and _parse(d)[0] not in known:
                     raise ValueError(f"{self.name}.{t.name}: dim {d!r} is not declared")
+            for key in ("low", "high"):  # a number, or (high) the name of a declared dim
+                v = getattr(t, key)
+                number = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if not (v is None or number or (key == "high" and v in known)):
+                    raise ValueError(
+                        f"{self.name}.{t.name}: {key} {v!r} is neither a number nor a dim of "
+                        f"the graph ({', '.join(sorted(known)) or 'none'})"
+                    )
 
     @property
     def input_names(self) -> list[str]:

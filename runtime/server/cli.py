@@ -36,6 +36,11 @@ def add_parser(sub, common) -> None:
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     s.add_argument("--model-name", help="the served model id (default blip3o-VARIANT-PRECISION)")
     s.add_argument(
+        "--max-steps",
+        type=int,
+        help="most DiT or decoder steps a request may ask for (default 1000): a 400 above it",
+    )
+    s.add_argument(
         "--allow-remote-images",
         action="store_true",
         help="let chat requests fetch http(s) image URLs",
@@ -66,10 +71,13 @@ def add_parser(sub, common) -> None:
 
 
 def server_config(args):
-    from runtime.server.app import ServerConfig
+    from runtime.params import MAX_STEPS
+    from runtime.server.state import ServerConfig
 
     if args.threads is not None:
         validate.integer("--threads", args.threads, 1, 1024)
+    if args.max_steps is not None:
+        validate.integer("--max-steps", args.max_steps, 1, MAX_STEPS)
     if not Path(args.engines).is_dir():
         raise UserError(f"--engines {args.engines}: no such folder")
     return ServerConfig(
@@ -82,6 +90,7 @@ def server_config(args):
         max_queue=args.max_queue,
         allow_remote_images=args.allow_remote_images,
         model_name=args.model_name,
+        max_steps=args.max_steps,
     )
 
 

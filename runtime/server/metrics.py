@@ -14,9 +14,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.queue_depth = Gauge(
-            "blip3o_queue_depth", "requests waiting for the engine", registry=r
+            "blip3o_queue_depth", "requests waiting for the scheduler", registry=r
         )
-        self.running = Gauge("blip3o_running", "requests the engine is stepping", registry=r)
+        self.running = Gauge("blip3o_running", "requests the scheduler is stepping", registry=r)
         self.batch_size = Histogram(
             "blip3o_batch_size",
             "rows per session call",

@@ -1,160 +1,43 @@
-"""OpenAI-shaped request parsing and response bodies (plain dicts; no web framework here).
+"""OpenAI-shaped requests' meaning and response bodies (plain dicts; no web framework here).
 
-Request bodies are read as JSON objects and checked field by field, so a bad value is a 400 with
-one message naming it (`ApiError`), never a framework's 422 list. Numeric generation fields go to
-the runtime's own validation (`Generator.start`); its `UserError` names the runtime's argument,
-which `api_error` renames to the API's field (`steps` -> `num_inference_steps`).
+A request arrives as a validated model (`runtime.server.models`: JSON types checked); here its
+values are read into the runtime's terms: `image_fields` and `chat_fields` check what only the
+server knows (the served model and size, one image per chat) and build the params, whose own
+checks judge the values (a `UserError`, renamed to the API field by `errors.api_error`). The
+chat's image goes through the runtime's one image loader (`runtime.host.image.load_image`).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
-import re
+import secrets
 import time
 import urllib.request
 import uuid
 
 from PIL import Image
 
-from runtime.errors import ResultError, UserError
-from runtime.params import AnswerParams
+from runtime import validate
+from runtime.errors import UserError
+from runtime.host.image import load_image
+from runtime.params import AnswerParams, GeneratorParams
+from runtime.server.errors import ApiError, api_error
+from runtime.server.models import (
+    CHAT_DEFAULTS,
+    CHAT_FIELDS,
+    IMAGE_FIELDS,
+    MAX_PARTIAL_IMAGES,
+    api_names,
+)
 
 MAX_IMAGE_BYTES = 20 << 20
-MAX_IMAGE_PIXELS = 64_000_000
-MAX_PARTIAL_IMAGES = 3
-DEFAULT_MAX_TOKENS = 128
-
-# runtime argument -> API field
-API_NAMES = {
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "decoder_steps": "decoder_num_inference_steps",
-    "decoder_guidance": "decoder_guidance_scale",
-    "num_images": "n",
-    "max_new_tokens": "max_tokens",
-}
+SEED_BITS = 31  # a seed the server picks: in [0, 2**31), any client's integer type holds it
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, " ".join(message.split()), type
-        self.param, self.code, self.headers = param, code, headers or {}
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def api_error(err: BaseException) -> ApiError:
-    """The HTTP error for an exception out of the runtime or the engine."""
-    if isinstance(err, ApiError):
-        return err
-    if isinstance(err, UserError):
-        message = " ".join(str(err).split())
-        first = message.split(" ", 1)[0]
-        param = API_NAMES.get(first, first if re.fullmatch(r"[a-z_]+", first) else None)
-        if first in API_NAMES:
-            message = API_NAMES[first] + message[len(first) :]
-        return ApiError(400, message, param=param)
-    if isinstance(err, ResultError):
-        return ApiError(422, str(err), type="invalid_request_error", code="result_not_finite")
-    return ApiError(500, f"internal error: {type(err).__name__}", type="server_error")
-
-
-def parse_body(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(400, f"the request body is not JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-def _get(body: dict, name: str, kinds: tuple, default=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = "/".join(k.__name__ for k in kinds)
-        raise ApiError(400, f"{name} must be {names}, got {json.dumps(value)[:80]}", param=name)
-    return value
-
-
-def image_request(body: dict, *, model: str, image_size: int, defaults: dict) -> dict:
-    """Validated fields of an images request; numeric ranges are checked by the runtime."""
-    check_model(body, model)
-    fmt = _get(body, "response_format", (str,), "b64_json")
-    if fmt != "b64_json":
-        raise ApiError(
-            400,
-            f"response_format {fmt!r} is not supported; use 'b64_json'",
-            param="response_format",
-        )
-    size = _get(body, "size", (str,), "auto")
-    allowed = f"{image_size}x{image_size}"
-    if size not in ("auto", allowed):
-        raise ApiError(
-            400,
-            f"size {size!r} is not served by this model; use {allowed!r} or 'auto'",
-            param="size",
-        )
-    out_fmt = _get(body, "output_format", (str,), "png")
-    if out_fmt != "png":
-        raise ApiError(
-            400, f"output_format {out_fmt!r} is not supported; use 'png'", param="output_format"
-        )
-    partial = _get(body, "partial_images", (int,), 0)
-    if not 0 <= partial <= MAX_PARTIAL_IMAGES:
-        raise ApiError(
-            400,
-            f"partial_images must be in [0, {MAX_PARTIAL_IMAGES}], got {partial}",
-            param="partial_images",
-        )
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise ApiError(400, "prompt must be a string", param="prompt")
-    seed = body.get("seed")
-    return {
-        "prompt": prompt,
-        "seed": int(time.time_ns() % (1 << 31)) if seed is None else seed,
-        "steps": body.get("num_inference_steps"),
-        "guidance": body.get("guidance_scale"),
-        "decoder_steps": body.get("decoder_num_inference_steps"),
-        "decoder_guidance": body.get("decoder_guidance_scale"),
-        "num_images": body.get("n", 1),
-        # our extension: the samplers (runtime.jobs.samplers) or a preset of the engine folder
-        "sampler": body.get("sampler"),
-        "decoder_sampler": body.get("decoder_sampler"),
-        "preset": body.get("preset"),
-        "stream": _get(body, "stream", (bool,), False),
-        "partial_images": partial,
-        "size": allowed,
-    }
-
-
-def check_model(body: dict, model: str) -> None:
-    name = _get(body, "model", (str,))
+def check_model(name: str | None, model: str) -> None:
     if name is not None and name != model:
         raise ApiError(
             404,
@@ -164,16 +47,62 @@ def check_model(body: dict, model: str) -> None:
         )
 
 
+def image_fields(req, *, model: str, image_size: int) -> dict:
+    """The fields of a validated images request: `settings` (GeneratorParams' names; `seed`
+    picked here when the request gave none) and the OpenAI options."""
+    check_model(req.model, model)
+    fmt = req.response_format or "b64_json"
+    if fmt != "b64_json":
+        raise ApiError(
+            400,
+            f"response_format {fmt!r} is not supported; use 'b64_json'",
+            param="response_format",
+        )
+    size, allowed = req.size or "auto", f"{image_size}x{image_size}"
+    if size not in ("auto", allowed):
+        raise ApiError(
+            400,
+            f"size {size!r} is not served by this model; use {allowed!r} or 'auto'",
+            param="size",
+        )
+    out_fmt = req.output_format or "png"
+    if out_fmt != "png":
+        raise ApiError(
+            400, f"output_format {out_fmt!r} is not supported; use 'png'", param="output_format"
+        )
+    partial = 0 if req.partial_images is None else req.partial_images
+    if not 0 <= partial <= MAX_PARTIAL_IMAGES:
+        raise ApiError(
+            400,
+            f"partial_images must be in [0, {MAX_PARTIAL_IMAGES}], got {partial}",
+            param="partial_images",
+        )
+    settings = {
+        name: getattr(req, api) for api, name in api_names(GeneratorParams, IMAGE_FIELDS).items()
+    }
+    if settings["num_images"] is None:
+        settings["num_images"] = 1
+    if settings["seed"] is None:
+        settings["seed"] = secrets.randbits(SEED_BITS)
+    return {
+        "prompt": req.prompt,
+        "settings": settings,
+        "stream": bool(req.stream),
+        "partial_images": partial,
+        "size": allowed,
+    }
+
+
 def png_b64(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def images_body(images, *, created: int, size: str, prompt_tokens: int) -> dict:
+def images_body(images, *, seed: int, created: int, size: str, prompt_tokens: int) -> dict:
     return {
         "created": created,
-        "data": [{"b64_json": png_b64(im)} for im in images],
+        "data": [{"b64_json": png_b64(im), "seed": seed} for im in images],
         "output_format": "png",
         "size": size,
         "usage": image_usage(prompt_tokens),
@@ -189,7 +118,9 @@ def image_usage(prompt_tokens: int) -> dict:
     }
 
 
-def image_event(kind: str, image, *, size: str, index: int | None, prompt_tokens: int) -> dict:
+def image_event(
+    kind: str, image, *, size: str, index: int | None, prompt_tokens: int, seed: int
+) -> dict:
     event = {
         "type": f"image_generation.{kind}",
         "b64_json": png_b64(image),
@@ -202,96 +133,89 @@ def image_event(kind: str, image, *, size: str, index: int | None, prompt_tokens
     if kind == "partial_image":
         event["partial_image_index"] = index
     else:
+        event["seed"] = seed
         event["usage"] = image_usage(prompt_tokens)
     return event
 
 
 def sse(data, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
-    payload = data if isinstance(data, str) else json.dumps(data)
+    payload = data if isinstance(data, str) else json.dumps(data)  # ASCII: no raw surrogates
     return f"{head}data: {payload}\n\n".encode()
 
 
 # chat --------------------------------------------------------------------------------------
-def _or(value, default):
-    return default if value is None else value
-
-
-def chat_request(body: dict, *, model: str, allow_remote: bool) -> dict:
-    """The one image and question of a chat request, and its decoding options."""
-    check_model(body, model)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    turns = [
-        m
-        for m in messages
-        if not (isinstance(m, dict) and m.get("role") in ("system", "developer"))
-    ]
-    if len(turns) != 1 or not isinstance(turns[0], dict) or turns[0].get("role") != "user":
+def chat_fields(req, *, model: str, allow_remote: bool) -> dict:
+    """The one image and question of a validated chat request, and its `AnswerParams`."""
+    check_model(req.model, model)
+    turns = [m for m in req.messages if m.role not in ("system", "developer")]
+    if len(turns) != 1 or turns[0].role != "user":
         raise ApiError(
             400,
             "send one user message (with one image); multi-turn chat is not supported",
             param="messages",
         )
-    content = turns[0].get("content")
-    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-    if not isinstance(parts, list):
-        raise ApiError(
-            400, "messages[].content must be a string or a list of parts", param="messages"
-        )
-    texts, urls = [], []
-    for part in parts:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str):
-                raise ApiError(400, "image_url.url must be a string", param="messages")
-            urls.append(url)
+    content = turns[0].content
+    if content is None:
+        raise ApiError(400, "the user message has no content", param="messages")
+    texts, urls = ([content], []) if isinstance(content, str) else ([], [])
+    for part in [] if isinstance(content, str) else content:
+        if part.type == "text":
+            if part.text is None:
+                raise ApiError(400, "a text part needs its text", param="messages")
+            texts.append(part.text)
         else:
-            raise ApiError(
-                400,
-                f"unsupported content part type {kind!r}; use text or image_url",
-                param="messages",
-            )
+            url = part.image_url.url if hasattr(part.image_url, "url") else part.image_url
+            if url is None:
+                raise ApiError(400, "an image_url part needs its url", param="messages")
+            urls.append(url)
     if len(urls) != 1:
         raise ApiError(
             400,
             f"this model answers about exactly one image; the message has {len(urls)}",
             param="messages",
         )
-    if body.get("n") not in (None, 1):
+    if req.n not in (None, 1):
         raise ApiError(
-            400, f"n {body['n']!r} is not supported: one answer per request (use 1)", param="n"
+            400, f"n {req.n!r} is not supported: one answer per request (use 1)", param="n"
         )
-    if body.get("stop") is not None:
+    if req.stop is not None:
         raise ApiError(400, "stop sequences are not supported", param="stop")
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    stream_options = _get(body, "stream_options", (dict,), {})
+    limit_name = next(
+        (a for a in ("max_completion_tokens", "max_tokens") if getattr(req, a) is not None),
+        "max_tokens",
+    )
+    values = dict(CHAT_DEFAULTS)  # the rest left out: AnswerParams' defaults (greedy)
+    for api, name in api_names(AnswerParams, CHAT_FIELDS).items():
+        value = getattr(req, api)
+        if value is not None and (name != "max_new_tokens" or api == limit_name):
+            values[name] = value
     try:  # the runtime's own checks, here so a bad value is a plain 400 even when streaming
-        options = AnswerParams(
-            max_new_tokens=DEFAULT_MAX_TOKENS if limit is None else limit,
-            temperature=_or(body.get("temperature"), 0.0),  # left out: greedy
-            top_p=_or(body.get("top_p"), 1.0),
-            seed=_or(body.get("seed"), 0),
-        )
+        options = AnswerParams(**values)
     except UserError as err:
-        raise api_error(err) from err
+        raise api_error(err, {"max_new_tokens": limit_name}) from None
+    options_stream = req.stream_options
     return {
         "question": "\n".join(texts),
         "url": urls[0],
         "allow_remote": allow_remote,
         "options": options,
-        "stream": _get(body, "stream", (bool,), False),
-        "include_usage": bool(stream_options.get("include_usage")),
+        "stream": bool(req.stream),
+        "include_usage": bool(options_stream and options_stream.include_usage),
     }
 
 
+def check_question(question: str) -> str:
+    """The question's text, as the runtime takes it (not empty, valid Unicode), or a 400."""
+    try:
+        return validate.text("question", question)
+    except UserError as err:
+        raise ApiError(400, f"messages: {err}", param="messages") from None
+
+
 def load_image_url(url: str, *, allow_remote: bool) -> Image.Image:
-    """A data: URL (or, when enabled, an http(s) URL) as a loaded PIL image; `ApiError` else."""
+    """A data: URL (or, when enabled, an http(s) URL) as an RGB image through the runtime's one
+    loader (`load_image`: every decoder failure is its `UserError`); `ApiError` 400 else."""
     if url.startswith("data:"):
         head, _, data = url.partition(",")
         if not head.endswith(";base64"):
@@ -302,10 +226,10 @@ def load_image_url(url: str, *, allow_remote: bool) -> Image.Image:
             raise ApiError(400, f"the image is over {MAX_IMAGE_BYTES >> 20} MiB", param="messages")
         try:
             raw = base64.b64decode(data, validate=True)
-        except ValueError as err:
+        except (ValueError, binascii.Error) as err:
             raise ApiError(
                 400, f"the image data URL is not valid base64: {err}", param="messages"
-            ) from err
+            ) from None
     elif url.startswith(("http://", "https://")):
         if not allow_remote:
             raise ApiError(
@@ -320,28 +244,19 @@ def load_image_url(url: str, *, allow_remote: bool) -> Image.Image:
             400, f"image URL scheme of {url[:40]!r} is not supported; use data:", param="messages"
         )
     try:
-        with Image.open(io.BytesIO(raw)) as f:
-            if f.width * f.height > MAX_IMAGE_PIXELS:
-                raise ApiError(
-                    400,
-                    f"the image is {f.width}x{f.height} px; at most "
-                    f"{MAX_IMAGE_PIXELS} pixels are accepted",
-                    param="messages",
-                )
-            f.load()
-            return f.copy()
-    except (OSError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ApiError(400, f"cannot read the image: {err}", param="messages") from err
+        return load_image(raw, what="the image")
+    except UserError as err:
+        raise ApiError(400, str(err), param="messages") from None
 
 
 def _fetch(url: str) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (http/https only)
             raw = response.read(MAX_IMAGE_BYTES + 1)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a URL urllib cannot parse
         raise ApiError(
             400, f"cannot fetch the image {url[:80]!r}: {err}", param="messages"
-        ) from err
+        ) from None
     if len(raw) > MAX_IMAGE_BYTES:
         raise ApiError(
             400, f"the image at {url[:80]!r} is over {MAX_IMAGE_BYTES >> 20} MiB", param="messages"

@@ -10,10 +10,10 @@ Two deployments:
   names the Ray replica. Ray's backpressure applies here (`max_ongoing_requests`,
   `max_queued_requests`; a full queue is Ray's 503) and its autoscaling settings.
 - `Front` (one, the HTTP ingress): forwards each HTTP request to a replica through a
-  deployment handle and streams the answer back. A replica that dies before it answered (the
-  actor died or became unavailable) is retried on another one, up to `RETRIES` times: generation
-  and chat are deterministic for the same body, so a retry is the same answer. A stream that had
-  already started when its replica died cannot be retried and ends early.
+  deployment handle (`relay.forward`). A replica that dies at any point before a plain answer
+  is whole is retried on another one (the front collects the answer before sending it); an
+  event stream is retried until its first event, and a replica that dies after that ends it
+  with an `error` event (code `replica_lost`), never a broken connection.
 
 The job API's state lives in the replica that accepted the job: under Ray with several replicas
 a status poll may reach another replica (404); use the synchronous endpoints there.
@@ -29,10 +29,10 @@ import os
 from dataclasses import dataclass, replace
 
 from runtime.errors import UserError
-from runtime.server.app import ServerConfig
+from runtime.server import relay
+from runtime.server.state import ServerConfig
 
 log = logging.getLogger(__name__)
-RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -143,11 +143,13 @@ async def call_asgi(app, method: str, path: str, query: bytes, headers: list, bo
 def build(config: ServerConfig, options: RayOptions, gpus: float):
     """The bound Ray Serve application (Front -> Replica)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from ray import serve
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+    from ray.serve import exceptions as serve_exceptions
 
-    from runtime.server.app import State, create_app
+    from runtime.server.app import create_app
+    from runtime.server.state import State
 
     @serve.deployment(**options.deployment_options(gpus))
     class Replica:
@@ -166,11 +168,17 @@ def build(config: ServerConfig, options: RayOptions, gpus: float):
                 yield item
 
         def check_health(self) -> None:
-            e = self.state.engine
-            if e is None or not e._thread.is_alive():
-                raise RuntimeError("the engine thread stopped")
+            if not self.state.alive():
+                raise RuntimeError("the scheduler thread stopped")
 
     front_app = FastAPI()
+    lost = (
+        RayActorError,  # ActorDiedError, ActorUnavailableError
+        WorkerCrashedError,
+        NodeDiedError,
+        ObjectLostError,
+        serve_exceptions.ReplicaUnavailableError,
+    )
 
     @serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
     @serve.ingress(front_app)
@@ -178,32 +186,28 @@ def build(config: ServerConfig, options: RayOptions, gpus: float):
         def __init__(self, replicas) -> None:
             self.replicas = replicas.options(stream=True)
 
-        @front_app.api_route("/{path:path}", methods=["GET", "POST"])
+        @front_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
         async def forward(self, path: str, request: Request):
             body = await request.body()
             headers = [(k.lower(), v) for k, v in request.headers.raw]
             query = request.url.query.encode()
-            for attempt in range(RETRIES + 1):
-                stream = self.replicas.http.remote(request.method, "/" + path, query, headers, body)
-                try:
-                    first = await stream.__anext__()
-                    break
-                except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                    if attempt == RETRIES:
-                        raise
-                    log.warning("replica lost before answering (%s); retrying", err)
-            _, status, raw_headers = first
-            out_headers = {
-                k.decode(): v.decode()
-                for k, v in raw_headers
-                if k.decode().lower() != "content-length"
-            }
 
-            async def chunks():
-                async for item in stream:
-                    yield item[1]
+            def call():
+                return self.replicas.http.remote(request.method, "/" + path, query, headers, body)
 
-            return StreamingResponse(chunks(), status_code=status, headers=out_headers)
+            try:
+                answer = await relay.forward(
+                    call, lost=lost, busy=(serve_exceptions.BackPressureError,)
+                )
+            except Exception as err:  # a bug here: still one JSON answer, logged once
+                log.error("forwarding %s /%s failed", request.method, path, exc_info=err)
+                body = relay.error_body(f"internal error ({type(err).__name__})", "internal_error")
+                return JSONResponse(body, status_code=500)
+            if answer.stream is None:
+                return Response(answer.body, status_code=answer.status, headers=answer.headers)
+            return StreamingResponse(
+                answer.stream, status_code=answer.status, headers=answer.headers
+            )
 
     return Front.bind(Replica.bind(config))
 

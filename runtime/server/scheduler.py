@@ -1,4 +1,4 @@
-"""The engine thread: one per Generator, it steps every running request, batching compatible ones.
+"""The scheduler thread: one per Generator, it steps every running request, batching alike ones.
 
 Requests enter a bounded queue (`QueueFull` when it is full: the HTTP layer answers 429 with
 `Retry-After`). The thread admits up to `max_running` of them, runs each one's prefill (prompts
@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime import validate
+from runtime.errors import Cancelled as RuntimeCancelled
+from runtime.errors import ResultError, UserError
 from runtime.jobs.answer import TokenJob
 from runtime.jobs.generation import GenerationJob, decode_latents, step_jobs, to_pil
 from runtime.params import AnswerParams
@@ -44,8 +46,8 @@ class QueueFull(Exception):
     """The bounded queue holds `max_queue` requests: shed this one (429 + Retry-After)."""
 
 
-class EngineClosed(Exception):
-    """The engine is shutting down or failed to start (503)."""
+class SchedulerClosed(Exception):
+    """The scheduler is shutting down or failed to start (503)."""
 
 
 class Cancelled(Exception):
@@ -53,7 +55,7 @@ class Cancelled(Exception):
 
 
 class _Waitable:
-    """Completion and cancellation shared by the engine's tasks."""
+    """Completion and cancellation shared by the scheduler's tasks."""
 
     _done_event: threading.Event
     cancel_requested: bool
@@ -71,7 +73,7 @@ class _Waitable:
 
 @dataclass(eq=False)
 class ImageTask(_Waitable):
-    """One image request as the engine sees it (its `GenerationJob`, not yet started, from
+    """One image request as the scheduler sees it (its `GenerationJob`, not yet started, from
     `Generator.start`); the HTTP layer watches its fields."""
 
     job: GenerationJob
@@ -111,7 +113,7 @@ class ImageTask(_Waitable):
 
 @dataclass(eq=False)
 class ChatTask(_Waitable):
-    """One chat answer: its `TokenJob` is opened on the engine thread and advanced one token per
+    """One chat answer: its `TokenJob` is opened on the scheduler thread and advanced one token per
     turn, interleaved with the image requests' calls. Events: ("text", the new text) as it is
     decoded, ("done", None); `result` is the `adapter.Answer` once succeeded."""
 
@@ -131,7 +133,7 @@ class ChatTask(_Waitable):
     _done_event: threading.Event = field(default_factory=threading.Event)
 
 
-class Engine:
+class Scheduler:
     """Owns a Generator and the thread that steps it; thread-safe `submit` for the HTTP layer."""
 
     def __init__(
@@ -157,7 +159,7 @@ class Engine:
         self._running: list[ImageTask | ChatTask] = []
         self._cv = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="blip3o-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="blip3o-scheduler", daemon=True)
         self.step_seconds: dict[str, float] = collections.defaultdict(float)
         self.calls: dict[str, int] = collections.defaultdict(int)
         self._thread.start()
@@ -166,7 +168,7 @@ class Engine:
     def submit(self, task) -> None:
         with self._cv:
             if self._closed:
-                raise EngineClosed("the engine is shutting down")
+                raise SchedulerClosed("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(
                     f"the queue holds {len(self._queue)} requests (max {self.max_queue})"
@@ -174,6 +176,9 @@ class Engine:
             self._queue.append(task)
             self._gauges()
             self._cv.notify()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -208,12 +213,12 @@ class Engine:
                 self._gauges()
             try:
                 self._step_once()
-            except Exception:  # a bug in the engine itself: fail what is running, keep serving
-                log.exception("engine step failed")
+            except Exception as err:  # a bug in the scheduler itself: fail what is running
                 for task in list(self._running):
-                    self._finish(task, "failed", RuntimeError("internal engine error"))
+                    self._finish(task, "failed", err)  # logged by the first _finish
+                    err = _Logged(f"internal scheduler error ({type(err).__name__})")
         for task in pending:
-            task.error = EngineClosed("the server shut down before this request finished")
+            task.error = SchedulerClosed("the server shut down before this request finished")
             task.status = "cancelled"
             _close_job(task)
             task._done_event.set()
@@ -229,6 +234,9 @@ class Engine:
         task.status, task.error, task.finished = status, error, time.time()
         if status == "cancelled":
             self._count_cancel()
+        if status == "failed" and error is not None and not _user_error(error):
+            # a bug, not a bad request: logged here once, answered as a JSON 500
+            log.error("request failed", exc_info=(type(error), error, error.__traceback__))
         with self._cv:
             if task in self._running:
                 self._running.remove(task)
@@ -326,6 +334,15 @@ class Engine:
             for task, part in zip(partial, images):
                 index = sorted(task.partial_steps()).index(call)
                 self._emit("partial", task, (index, [to_pil(x) for x in part]))
+
+
+class _Logged(RuntimeError):
+    """An error already logged (the other tasks of a failed step)."""
+
+
+def _user_error(err: BaseException) -> bool:
+    """A bad request or a non-finite result: answered as a 4xx, not logged as a bug."""
+    return isinstance(err, (UserError, ResultError, RuntimeCancelled, _Logged))
 
 
 def _close_job(task) -> None:
