@@ -5,8 +5,9 @@
 Each graph runs through polygraphy's ONNX Runtime runner on inputs drawn from its spec at the
 min, opt and max sizes of its profile; outputs must have the shapes the spec promises and be
 finite. Where TensorRT and the folder's engines are present, polygraphy's TensorRT runner runs
-too and the two are compared (`--atol/--rtol`). Exit status 0 when every check passes, 1 when one
-fails, 2 for a bad folder.
+too and the two are compared (`--atol/--rtol`); each engine is read once and checked against the
+manifest's sha256 before it is deserialized, as the runtime's session does. Exit status 0 when
+every check passes, 1 when one fails, 2 for a bad folder.
 """
 
 from __future__ import annotations
@@ -22,23 +23,39 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from export.onnx_export import expected_output_shapes  # noqa: E402
-from runtime.folder.manifest import EngineFolderError, graph_spec, read_manifest, verify_file  # noqa: E402
+from runtime.folder.manifest import (  # noqa: E402
+    EngineFolderError,
+    file_path,
+    graph_spec,
+    read_manifest,
+    verify_file,
+)
 from runtime.folder.spec import profile_sizes, sample_inputs  # noqa: E402
+from runtime.sessions.trt_rules import check_engine_bytes  # noqa: E402
 
 log = logging.getLogger("check")
 
 
-def _runners(folder: Path, entry: dict, use_trt: bool) -> list:
+def engine_bytes(folder: Path, entry: dict, manifest: dict) -> bytes:
+    """A graph's engine file, read once and checked against the manifest's sha256 before
+    anything deserializes it (a TensorRT plan is code the GPU runs), as the session does."""
+    path = file_path(folder, entry["engine"])
+    if not path.is_file():
+        raise EngineFolderError(f"{path} is listed in the manifest but missing")
+    data = path.read_bytes()
+    check_engine_bytes(data, entry, path, manifest)
+    return data
+
+
+def _runners(folder: Path, entry: dict, use_trt: bool, manifest: dict) -> list:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     runners = [OnnxrtRunner(SessionFromOnnx(str(folder / entry["file"])))]
     if use_trt and "engine" in entry:
-        from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        runners.append(
-            TrtRunner(EngineFromBytes(BytesFromPath(str(folder / entry["engine"]["file"]))))
-        )
+        data = engine_bytes(folder, entry, manifest)  # deserialized from the checked bytes
+        runners.append(TrtRunner(EngineFromBytes(data)))
     return runners
 
 
@@ -69,7 +86,7 @@ def check_folder(
             sample_inputs(spec, profile_sizes(spec, which), precision=precision, seed=i)
             for i, which in enumerate(("min", "opt", "max"))
         ]
-        runners = _runners(folder, entry, use_trt)
+        runners = _runners(folder, entry, use_trt, manifest)
         results = Comparator.run(runners, data_loader=feeds)
         for runner_name, outputs in results.items():
             for case, (feed, out) in zip(("min", "opt", "max"), zip(feeds, outputs)):

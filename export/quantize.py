@@ -4,7 +4,12 @@ An exported fp32 graph plus feeds recorded from the real sampler (`export.calibr
 the same graph with Q/DQ on the inputs of its MatMul, Gemm and Conv nodes (weights stored
 quantized) and float32 I/O: it runs in ONNX Runtime on CPU and is the hand-off for a strongly
 typed TensorRT build. ModelOpt's ONNX PTQ quantizes (entropy calibration for INT8, max for FP8);
-ONNX Runtime's `quantize_static` (MinMax, per-channel weights) is the INT8 fallback. The text
+ONNX Runtime's `quantize_static` (MinMax, per-channel weights) is the INT8 fallback, configured
+for what TensorRT's parser takes: symmetric activations and weights (zero points 0) and float
+biases (no INT32 bias DequantizeLinear). Every result passes the TensorRT lint
+(`export.trt_lint`) or the call fails naming the node and rule. The source graph is never
+written to: ModelOpt rewrites its input file in place (it grew by 1-3 KB), so both quantizers
+read a private copy. The text
 decoder and vision tower stay in high precision: LLM quantization belongs to weight-only (INT4
 AWQ) or SmoothQuant recipes with per-token scales, not to this per-tensor PTQ (out of scope).
 
@@ -32,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from export import trt_lint
 from export.onnx_export import ort_session, run_ort
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ METHODS = ("modelopt", "ort")
 HIGH_PRECISIONS = ("fp32", "fp16")
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 CALIBRATION = {"int8": "entropy", "fp8": "max"}  # ModelOpt calibration method per precision
+# quantize_static as TensorRT parses it: zero points 0 (symmetric), biases left in float
+TRT_ORT_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
 
 # adaLN `norm1.linear` / resnet `time_emb_proj` read the timestep embedding: GEMVs (M = batch),
 # nothing to gain from quantizing them, measurably less error when kept.
@@ -191,7 +199,21 @@ def _ort(src, dst, calibration, names, external) -> None:
         op_types_to_quantize=list(OP_TYPES), per_channel=True, nodes_to_exclude=names,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
+        extra_options=TRT_ORT_OPTIONS,
     )  # fmt: skip
+
+
+def _private_copy(src: Path, model: onnx.ModelProto, into: Path) -> Path:
+    """The graph and its external data files copied into `into`: what the quantizers read."""
+    into.mkdir()
+    shutil.copy2(src, into / src.name)
+    ext = onnx.TensorProto.EXTERNAL
+    for t in (t for t in model.graph.initializer if t.data_location == ext):
+        location = {e.key: e.value for e in t.external_data}["location"]
+        if not (into / location).exists():
+            (into / location).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src.parent / location, into / location)
+    return into / src.name
 
 
 def quantize_graph(
@@ -208,8 +230,10 @@ def quantize_graph(
 
     `calibration`: feeds named like the graph inputs, all of one shape. `method` "modelopt" does
     INT8 and FP8 and falls back to ORT for INT8 when ModelOpt raises (a logged warning); "ort" is
-    INT8 only. `graph` is read off the wrapper class when None. `high_precision`: the unquantized
-    ops' dtype with ModelOpt, "fp32" (ORT CPU) or "fp16" (strongly typed TensorRT).
+    INT8 only. Either way the result passes the TensorRT lint (`export.trt_lint.TrtLintError`
+    otherwise) and `onnx_path` is only read. `graph` is read off the wrapper class when None.
+    `high_precision`: the unquantized ops' dtype with ModelOpt, "fp32" (ORT CPU) or "fp16"
+    (strongly typed TensorRT).
     """
     checks = [("precision", precision, QUANT_PRECISIONS), ("method", method, METHODS)]
     for name, value, valid in [*checks, ("high_precision", high_precision, HIGH_PRECISIONS)]:
@@ -235,10 +259,13 @@ def quantize_graph(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
     try:
-        dst = tmp / out.name
+        dst = tmp / "out" / out.name
         if method == "modelopt":
             try:
-                _modelopt(src, dst, precision, calibration, inputs, names, high_precision, external)
+                dst.parent.mkdir()
+                copy = _private_copy(src, model, tmp / "src")
+                args = (precision, calibration, inputs, names, high_precision, external)
+                _modelopt(copy, dst, *args)
             except Exception as err:  # noqa: BLE001 - any ModelOpt failure is reported
                 if precision != "int8":
                     raise RuntimeError(f"ModelOpt {precision} failed on {src}: {err}") from err
@@ -247,11 +274,13 @@ def quantize_graph(
                 shutil.rmtree(tmp)
                 tmp.mkdir()
         if used == "ort":
-            _ort(src, dst, calibration, names, external)
+            dst.parent.mkdir(exist_ok=True)
+            _ort(_private_copy(src, model, tmp / "src"), dst, calibration, names, external)
         if not dst.is_file():
             raise RuntimeError(f"{used} wrote no quantized graph for {src}")
         restored = _restore_excluded_inputs(dst, names)
-        for f in tmp.iterdir():  # the graph and its external data, under their final names
+        trt_lint.check(dst, name=f"{graph} ({precision}, {used})")
+        for f in dst.parent.iterdir():  # the graph and its external data, final names
             if f.name.startswith(out.name):
                 os.replace(f, out.parent / f.name)
     finally:

@@ -373,3 +373,21 @@ def test_build_engine_clears_tf32_and_its_plan_runs(tiny_engine_dir, device, tmp
     vae = TrtSession(spec, out)
     assert vae.to_host(vae.run(sample_inputs(spec))["images"]).shape == (1, 3, 64, 64)
     vae.close()
+
+
+def test_check_refuses_an_engine_whose_sha256_differs(trt_folder, device, tmp_path):
+    """`export/check.py` reads each engine once and checks its sha256 before deserializing, as
+    the session does (it handed polygraphy the path, unchecked)."""
+    import shutil
+
+    from export.check import check_folder
+    from runtime.folder.manifest import EngineFolderError
+
+    folder = tmp_path / "tampered"
+    shutil.copytree(trt_folder, folder)
+    engine = folder / read_manifest(folder)["graphs"]["vae_decoder"]["engine"]["file"]
+    data = bytearray(engine.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    engine.write_bytes(bytes(data))
+    with pytest.raises(EngineFolderError, match="does not match the sha256"):
+        check_folder(folder, ["vae_decoder"])
