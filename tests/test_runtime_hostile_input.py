@@ -9,7 +9,9 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +132,114 @@ def test_images_that_cannot_be_read_are_user_errors(gen, tmp_path):
             gen.answer(bad, "Describe the image.", max_new_tokens=2)
     with pytest.raises(UserError, match="too elongated"):
         gen.answer(Image.new("RGB", (4000, 8)), "Describe the image.", max_new_tokens=2)
+
+
+# ---- images no decoder takes: one loader, one UserError, whatever Pillow raised ------------------
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    crc = zlib.crc32(kind + data)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def _png(size=(16, 16)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _oversized_text_png() -> bytes:
+    import zlib
+
+    good = _png()
+    return good[:33] + _chunk(b"zTXt", b"k\x00\x00" + zlib.compress(b"a" * (2 << 20))) + good[33:]
+
+
+def test_an_oversized_png_text_chunk_is_a_user_error(tmp_path, gen):
+    """Pillow raises ValueError here (not OSError): the loader catches every decoder failure."""
+    (tmp_path / "t.png").write_bytes(_oversized_text_png())
+    for source in (tmp_path / "t.png", _oversized_text_png()):
+        with pytest.raises(UserError, match="cannot read .*Decompressed data too large"):
+            load_image(source)
+    with pytest.raises(UserError):
+        gen.answer(tmp_path / "t.png", "Describe the image.", max_new_tokens=2)
+
+
+def test_the_cli_answers_a_broken_png_in_one_line(tiny_engine_dir, tmp_path):
+    (tmp_path / "t.png").write_bytes(_oversized_text_png())
+    res = cli("answer", "t.png", "What?", "--engines", str(tiny_engine_dir), "-q", cwd=tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+
+
+def _formats() -> list[bytes]:
+    import io
+
+    out = []
+    kinds = ("PNG RGB", "PNG LA", "PNG I;16", "GIF P", "JPEG RGB", "BMP RGB", "TIFF RGB")
+    others = ("WEBP RGB", "PPM RGB", "SGI RGB", "DDS RGB")  # PPM, SGI, DDS: not taken
+    for fmt, mode in (k.split() for k in (*kinds, *others)):
+        buf = io.BytesIO()
+        Image.new(mode, (12, 9)).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return [*out, _oversized_text_png()]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    base=st.sampled_from(_formats()),
+    edits=st.lists(st.tuples(st.integers(0, 400), st.binary(min_size=0, max_size=8)), max_size=4),
+    cut=st.integers(0, 600),
+)
+def test_fuzz_the_image_loader(base, edits, cut):
+    """Mutated files of every format Pillow reads: an RGB image or one UserError, never another
+    exception (Pillow's own errors, whatever their type, are the loader's)."""
+    data = bytearray(base)
+    for at, junk in edits:
+        at = min(at, len(data))
+        data[at : at + len(junk)] = junk
+    data = bytes(data[: max(cut, 8)] if cut < len(data) else data)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.img"
+        path.write_bytes(data)
+        for source in (data, path):  # the server's bytes, the CLI's path
+            try:
+                image = load_image(source)
+            except UserError as err:
+                assert "\n" not in str(err)
+            else:
+                assert image.mode == "RGB"
+
+
+# ---- text that is not valid Unicode --------------------------------------------------------------
+@pytest.mark.parametrize("text", ["a \ud800 b", "\udcff", "ok\udfffok"])
+def test_lone_surrogates_are_refused_naming_the_argument(gen, text):
+    with pytest.raises(UserError, match="prompt is not valid Unicode"):
+        gen.start(text, **FAST)
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(UserError, match="question is not valid Unicode"):
+        gen.answer(image, text, max_new_tokens=2)
+
+
+def test_the_cli_refuses_undecodable_bytes_in_one_line(tiny_engine_dir, tmp_path):
+    """An argv byte that is not UTF-8 reaches Python as a lone surrogate (surrogateescape)."""
+    import os
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "i.png")
+    runs = {
+        "generate": [b"generate", b"a \xff circle", b"--out", b"o.png"],
+        "answer": [b"answer", b"i.png", b"what \xfe?"],
+    }
+    for name, args in runs.items():
+        argv = [os.fsencode(sys.executable), b"-m", b"runtime", *args]
+        argv += [b"--engines", os.fsencode(tiny_engine_dir), b"-q"]
+        res = subprocess.run(argv, capture_output=True, cwd=tmp_path)
+        err = res.stderr.decode("utf-8", "replace").strip().splitlines()
+        assert res.returncode == 2 and len(err) == 1, (name, res.stderr)
+        assert "not valid Unicode" in err[0], err
 
 
 # ---- files whose sha256 matches but whose content is wrong --------------------------------------

@@ -1,7 +1,8 @@
 """Images in: one loader for every edge (Python API, CLI, server) and the vision graph's feeds.
 
-`load_image` takes a PIL image, an (H, W, 3|4) uint8 array, a path or an image file's bytes and
-returns an RGB image or one `UserError` (every decoder failure, whatever Pillow raised);
+`load_image` takes a PIL image, an (H, W, 3|4) uint8 array, a path or an image file's bytes
+(PNG, JPEG, WebP, GIF, BMP or TIFF) and returns an RGB image or one `UserError` (every decoder
+failure, whatever Pillow raised);
 `prepare_image` turns it into the `vision` graph's feeds (Qwen2.5-VL preprocessing in
 `image_preprocess`, window-ordered feeds in `vision_feeds`).
 """
@@ -21,6 +22,9 @@ from runtime.host.vision_feeds import vision_feeds
 
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before resizing
 MAX_NEW_TOKENS = 1 << 16
+# The decoders a file may reach: the common, well-kept formats. Pillow's others (EPS runs
+# Ghostscript; DDS, SGI, PSD, ... see few files and more bugs) are refused as unknown.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # grayscale PNG/TIFF of 16 bits
 
 
@@ -66,7 +70,7 @@ def load_image(image, *, what: str | None = None) -> Image.Image:
 
 def _decode(source, what: str) -> Image.Image:
     try:
-        with Image.open(source) as f:
+        with Image.open(source, formats=FORMATS) as f:
             if f.width * f.height > MAX_IMAGE_PIXELS:
                 raise UserError(
                     f"cannot read {what}: it is {f.width}x{f.height} px; at most "
