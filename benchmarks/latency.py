@@ -128,9 +128,9 @@ def open_runtime(cfg: dict, log: CallLog):
 def open_reference(cfg: dict, log: CallLog):
     import torch
 
-    from export.plan import random_pipeline
     from runtime.folder.manifest import load_manifest
     from training.config import from_dict
+    from training.random_weights import random_pipeline
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])

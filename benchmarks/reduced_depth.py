@@ -32,10 +32,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from export import resources  # noqa: E402
+from export.build_plan import BuildRequest, build  # noqa: E402
+from export.components import COMPONENTS, GRAPH_COMPONENT  # noqa: E402
 from export.dims import graph_dims  # noqa: E402
 from export.onnx_export import call_graph, ort_session, run_ort, torch_feeds  # noqa: E402
-from export.plan import BuildRequest, build  # noqa: E402
-from export.source import COMPONENTS, GRAPH_COMPONENT, Parts  # noqa: E402
+from export.source import Parts  # noqa: E402
 from export.wrappers import graph_module  # noqa: E402
 from runtime.folder.graphs import RUNTIME_GRAPHS, graph_specs  # noqa: E402
 from runtime.folder.manifest import load_manifest  # noqa: E402

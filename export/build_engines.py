@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.plan import (  # noqa: E402
+from export.build_plan import (  # noqa: E402
     BACKENDS,
     DECODER_SCHEDULER,
     DEVICES,

@@ -14,9 +14,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from export.source import GRAPH_COMPONENT
+from export.build_folder import host_entries
+from export.calibration import Recorder
+from export.components import GRAPH_COMPONENT
+from export.dims import graph_dims
 from export.torch_backend import to_host  # importing it registers the "torch" session backend
+from runtime.folder.engine_folder import EngineFolder
+from runtime.folder.graphs import graph_specs
 from runtime.folder.spec import GraphSpec, spec_to_dict
+from runtime.generator import Generator
 from runtime.sessions import open_session
 
 log = logging.getLogger(__name__)
@@ -69,21 +75,6 @@ class ModelSession:
         pass  # the component goes when another is loaded, or with `ModelGraphs.release`
 
 
-def host_entries(manifest: dict, *, negative: bool = True) -> dict:
-    """The manifest's `host` section from its build stages' records: the `assets` stage's
-    files, and the `negative` stage's (once it has run)."""
-    stages = manifest["stages"]
-    files = {f["file"]: f for f in stages["assets"]["files"]}
-    host = {
-        "embeddings": files["embeddings.npy"],
-        "latent_queries": files["latent_queries.npy"],
-        "tokenizer": files["tokenizer.json"],
-    }
-    if negative:
-        (host["negative_features"],) = stages["negative"]["files"]
-    return host
-
-
 def model_generator(
     folder,
     manifest: dict,
@@ -97,8 +88,6 @@ def model_generator(
     """A `runtime.Generator` over a folder being built: its manifest so far, the host assets of
     the `assets` stage (`host`), every graph's spec, sessions from `open_graph`. `precision` is
     the dtype the sessions compute in (it sets the host feeds' dtype)."""
-    from runtime.generator import Generator
-
     view = {
         **manifest,
         "precision": precision,
@@ -106,7 +95,11 @@ def model_generator(
         "host": host,
     }
     return Generator(
-        folder, view, backend="torch", device=device, low_memory=False, open_graph=open_graph
+        EngineFolder(folder, view),
+        backend="torch",
+        device=device,
+        low_memory=False,
+        open_graph=open_graph,
     )
 
 
@@ -114,10 +107,6 @@ def calibration_generator(folder, manifest: dict, source, *, device: str = "cpu"
     """(Generator, Recorder, ModelGraphs) to record calibration feeds over `source`'s model in
     fp32: `folder`'s manifest (its `assets` and `negative` stages done) and every graph's spec.
     Release the `ModelGraphs` when done."""
-    from export.calibration import Recorder
-    from export.dims import graph_dims
-    from runtime.folder.graphs import graph_specs
-
     graphs = ModelGraphs(source, dtype="fp32", device=device)
     recorder = Recorder()
     specs = graph_specs(graph_dims(source.config))

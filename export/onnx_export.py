@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.precision import TORCH_DTYPE_NAMES, torch_dtype
 from runtime.folder.spec import GraphSpec, numpy_dtype, profile_sizes, resolve_shape, sample_inputs
 
 log = logging.getLogger(__name__)
 
 OPSET = 20
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {precision: torch_dtype(precision) for precision in TORCH_DTYPE_NAMES}
 
 
 def trace_sizes(spec: GraphSpec) -> dict[str, int]:

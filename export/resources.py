@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.components import COMPONENTS
+from export.precision import host_precision, onnx_precision
 from runtime.folder.spec import GraphSpec, numpy_dtype, resolve_shape
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,13 @@ QUANTIZE_COPIES = 4.0
 CALIBRATION_COPIES = 1.5
 # Peak of a TensorRT build over the ONNX size: parser weights + builder copy (on paper).
 ENGINE_COPIES = 2.0
-_STAGE_DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "int8": "fp32", "fp8": "fp32"}
 
 
 @dataclass(frozen=True)
 class ParamCounts:
     """Parameters of a variant: per loadable component, per graph, and the host assets."""
 
-    components: dict[str, int]  # export.source.COMPONENTS name -> parameters it loads
+    components: dict[str, int]  # export.components.COMPONENTS name -> parameters it loads
     graphs: dict[str, int]  # graph -> parameters its ONNX holds
     host: int  # token embedding table + latent queries
     head: int = 0  # the LM head (vocabulary x hidden), inside prefill and decode
@@ -145,7 +146,7 @@ def calibration_cost(
         ["lm", "dit"]
         + (["unet"] if runs_unet else [])
         + (["vae"] if "vae_decoder" in graphs else [])
-    )  # export.source.CALIBRATION_PHASES, those this calibration runs
+    )  # export.components.CALIBRATION_PHASES, those this calibration runs
     largest = max(params.components[c] for c in phases) * BYTES["fp32"]
     unet = params.components["unet"] * BYTES["fp32"] if runs_unet else 0
     staging = largest if device == "cpu" else unet
@@ -163,8 +164,7 @@ def stage_costs(
     calibration: CalibrationCost | None = None,
 ) -> list[StageCost]:
     """Estimated peak resident memory and bytes added to the folder, per stage."""
-    onnx = _STAGE_DTYPE[precision]
-    host = "fp16" if precision in ("fp16", "bf16") else "fp32"
+    onnx, host = onnx_precision(precision), host_precision(precision)
     quantized = {n.partition(":")[2] for n in stage_names if n.startswith("quantize:")}
     out, calibrated = [], False
     for name in stage_names:
@@ -209,7 +209,6 @@ def count_params(cfg) -> ParamCounts:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from export.source import COMPONENTS
     from training.checkpoint import LM_HEAD, empty_model
     from training.model.decoder import unet_kwargs, vae_kwargs
 

@@ -25,29 +25,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.components import COMPONENTS, GRAPH_COMPONENT
+from export.errors import BuildError
+from export.precision import torch_dtype
+from training.config import from_preset, reduced_depth
+
 log = logging.getLogger(__name__)
 
-# component -> (BLIP3o parameter prefixes, decoder parts, needs the tokenizer)
-COMPONENTS = {
-    "host": (("qwen.model.language_model.embed_tokens.", "latent_queries"), (), True),
-    "vision": (("qwen.model.visual.",), (), False),
-    "lm": (
-        ("qwen.model.language_model.layers.", "qwen.model.language_model.norm.", "qwen.lm_head."),
-        (),
-        False,
-    ),
-    "text": (("qwen.model.language_model.", "latent_queries"), (), True),
-    "dit": (("dit.",), (), False),
-    "unet": ((), ("unet",), False),
-    "vae": ((), ("vae",), False),
-}
-GRAPH_COMPONENT = {
-    **{"vision": "vision", "prefill": "lm", "decode": "lm", "dit": "dit", "dit_step": "dit"},
-    **{"unet": "unet", "unet_step": "unet", "vae_decoder": "vae"},
-}
-# what calibration loads, in order: the components of the graphs a generation job runs
-# (prefill, dit_step, unet_step, vae_decoder), stage by stage over all prompts
-CALIBRATION_PHASES = ("lm", "dit", "unet", "vae")
 TINY_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny"
 
 
@@ -61,12 +45,6 @@ class Parts:
     tokenizer: object
 
 
-def _build_error(err: Exception) -> Exception:
-    from export.plan import BuildError  # plan imports this module: import at call time
-
-    return BuildError(str(err))
-
-
 def calibration_device(requested: str = "auto") -> str:
     """The device calibration runs on: `auto` is cuda when torch sees a GPU, else cpu."""
     import torch
@@ -74,7 +52,7 @@ def calibration_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise _build_error(ValueError("--device cuda: torch sees no CUDA GPU; use cpu or auto"))
+        raise BuildError("--device cuda: torch sees no CUDA GPU; use cpu or auto")
     return requested
 
 
@@ -102,8 +80,6 @@ class ModelSource:
             self.hash = checkpoint_hash(ckpt)
             self.label = f"checkpoint {ckpt}"
         else:
-            from training.config import from_preset, reduced_depth
-
             cfg = from_preset(request.variant)
             self.config = cfg if request.layers is None else reduced_depth(cfg, request.layers)
             self.hash = f"random-weights-seed-{request.seed}"
@@ -128,7 +104,7 @@ class ModelSource:
             cfg = settle_scheduler(ckpt / DECODER_DIR, cfg, request.decoder_scheduler)
             verify_checkpoint(ckpt, cfg)
         except ValueError as err:  # CheckpointError and config errors: the user's to fix
-            raise _build_error(err) from err
+            raise BuildError(str(err)) from err
         return cfg
 
     def load(self, component: str, *, dtype: str = "fp32", device: str = "cpu") -> Parts:
@@ -139,17 +115,15 @@ class ModelSource:
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         self.release()
-        from export.onnx_export import TORCH_DTYPES
-
-        torch_dtype = TORCH_DTYPES[dtype]
+        weights = torch_dtype(dtype)
         if self.checkpoint is None:
-            parts = self._random_parts(torch_dtype, device)
+            parts = self._random_parts(weights, device)
         else:
             log.info("loading %s (%s, %s) from %s", component, dtype, device, self.checkpoint)
             try:
-                parts = self._checkpoint_parts(component, torch_dtype, device)
+                parts = self._checkpoint_parts(component, weights, device)
             except ValueError as err:
-                raise _build_error(err) from err
+                raise BuildError(str(err)) from err
         self._loaded = (key, parts)
         return parts
 
@@ -188,7 +162,7 @@ class ModelSource:
 
         # cast from fp32 only (fp16 -> bf16 would round twice): rebuild for another 16-bit dtype
         if self._random is None or self._random[0] not in (torch.float32, dtype):
-            from export.plan import random_pipeline
+            from training.random_weights import random_pipeline
 
             self._random = None
             gc.collect()

@@ -2,14 +2,14 @@
 debugging. It lives next to the exporter, not in `runtime/` (which imports no torch and nothing
 of ours), and registers the "torch" backend with `runtime.sessions.register_backend` when
 imported: `import export.torch_backend`, then `Generator.from_dir(..., backend="torch")`. It
-needs the `train` extra (pip install 'blip3o-edge[train]') and imports `training` lazily.
-`path` is an engine folder: its manifest says
-which weights it was built from, a checkpoint (`checkpoint.path`, loaded with
-`training.checkpoint.load_pipeline`) or seeded random weights (`checkpoint.hash` =
-`random-weights-seed-N`, rebuilt with `export.plan.random_pipeline`). The pipeline is loaded once
-per (folder, device, dtype) and shared by the folder's sessions; each session runs its graph's
-export wrapper (`export.stage_defs.graph_module`) under `torch.no_grad()`. Feeds are numpy or
-torch tensors; outputs are torch tensors left on the device; `to_host` gives numpy.
+needs the `train` extra (pip install 'blip3o-edge[train]') and imports torch and `training`'s
+model lazily. `path` is an engine folder: its manifest says which weights it was built from, a
+checkpoint (`checkpoint.path`, loaded with `training.checkpoint.load_pipeline`) or seeded random
+weights (`checkpoint.hash` = `random-weights-seed-N`, rebuilt with
+`training.random_weights.random_pipeline`). The pipeline is loaded once per (folder, device,
+dtype) and shared by the folder's sessions; each session runs its graph's export wrapper
+(`export.wrappers.graph_module`) under `torch.no_grad()`. Feeds are numpy or torch tensors;
+outputs are torch tensors left on the device; `to_host` gives numpy.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from export.precision import onnx_precision, torch_dtype
+from export.wrappers import graph_module
 from runtime.folder.manifest import EngineFolderError, load_manifest, rebuild_hint
 from runtime.folder.spec import GraphSpec, check_feeds, io_dtype
 from runtime.sessions import register_backend
+from training.config import from_dict
 
 _RANDOM = re.compile(r"^random-weights-seed-(\d+)$")
 _PIPELINES: dict[tuple[str, str, str], Any] = {}  # (folder, device, dtype) -> ReferencePipeline
@@ -42,11 +45,8 @@ def _torch():
 def compute_dtype(precision: str):
     """The torch dtype the reference runs in: fp16/bf16 as such, fp32 for fp32 and the Q/DQ
     precisions (whose graphs are made from the fp32 export)."""
-    from export.onnx_export import TORCH_DTYPES
-    from export.stage_defs import onnx_precision
-
     io_dtype(precision)  # validates the name
-    return TORCH_DTYPES[onnx_precision(precision)]
+    return torch_dtype(onnx_precision(precision))
 
 
 def load_folder_pipeline(folder: str | Path, device: str = "cpu", precision: str = "fp32"):
@@ -72,8 +72,6 @@ def _load(folder: Path, manifest: dict, device: str, dtype):
                 "the torch backend needs those weights (or rebuild the folder: "
                 f"{rebuild_hint(manifest)})"
             )
-        from training.config import from_dict
-
         # the manifest's config is what the folder was built for (depth, decoder scheduler)
         config = from_dict(manifest["config"])
         return load_pipeline(
@@ -84,8 +82,7 @@ def _load(folder: Path, manifest: dict, device: str, dtype):
             f"{folder}: manifest checkpoint {ckpt!r} has neither a path nor a "
             f"'random-weights-seed-N' hash; rebuild with: {rebuild_hint(manifest)}"
         )
-    from export.plan import random_pipeline
-    from training.config import from_dict
+    from training.random_weights import random_pipeline
 
     torch = _torch()
     with torch.random.fork_rng(devices=[]):  # random_pipeline seeds torch's global RNG
@@ -115,8 +112,7 @@ class TorchSession:
         self._dtype = compute_dtype(precision)
         if pipeline is None:
             pipeline = load_folder_pipeline(path, device, precision)
-        from export.onnx_export import call_graph
-        from export.stage_defs import graph_module
+        from export.onnx_export import call_graph  # imports torch
 
         self._module, self._call = graph_module(spec.name, pipeline).eval(), call_graph
 

@@ -47,7 +47,7 @@ def tiny_engine_dir():
     """A tiny fp32 engine folder from the shipped trained checkpoint (checkpoints/tiny), built
     by the real exporter into engines/.test-cache/ (up to date: nothing to do). Tests that
     change a folder work on a copy."""
-    from export.plan import BuildRequest, build
+    from export.build_plan import BuildRequest, build
 
     out = TEST_ENGINES / "tiny-fp32"
     return build(BuildRequest(variant="tiny", out=out, graphs=RUNTIME_GRAPHS, progress=False))
@@ -56,10 +56,10 @@ def tiny_engine_dir():
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_engine_dir):
     """The PyTorch reference pipeline with the same weights as `tiny_engine_dir`."""
-    from export.plan import random_pipeline
     from runtime.folder.manifest import load_manifest
     from training.checkpoint import load_pipeline
     from training.config import from_dict
+    from training.random_weights import random_pipeline
 
     manifest = load_manifest(tiny_engine_dir)
     if manifest["checkpoint"]["path"]:

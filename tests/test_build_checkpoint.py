@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from export import build_engines
-from export.plan import BuildError, BuildRequest, build
+from export.build_plan import BuildError, BuildRequest, build
 from training.model.blip3o import BLIP3o
 from training.model.decoder import Decoder
 from training.published import write_published
@@ -116,19 +116,20 @@ def test_each_stage_loads_one_component_in_the_build_precision(copy, tmp_path, m
 
 @pytest.mark.slow
 def test_calibration_runs_phase_by_phase_on_the_builds_device(copy, tmp_path, monkeypatch):
-    import export.source as source_module
+    import export.quantize_stages as quantize_stages
+    from export.build_folder import BuildFolder, tool_versions
+    from export.build_plan import _run_stage, _start_manifest
+    from export.components import CALIBRATION_PHASES
     from export.dims import graph_dims
-    from export.plan import _run_stage, _start_manifest
-    from export.source import CALIBRATION_PHASES
-    from export.stage_defs import StageFactory
-    from export.stages import EngineFolder, tool_versions
+    from export.source import ModelSource
+    from export.stage_factory import StageFactory
     from runtime.folder.graphs import graph_specs
 
     asked = []
-    monkeypatch.setattr(source_module, "calibration_device", lambda r: asked.append(r) or "cpu")
+    monkeypatch.setattr(quantize_stages, "calibration_device", lambda r: asked.append(r) or "cpu")
     request = BuildRequest(variant="tiny", checkpoint=copy, precision="int8", device="cuda",
                            calibration_steps=(2, 2), calibration_count=1)  # fmt: skip
-    source = source_module.ModelSource(request, "int8")
+    source = ModelSource(request, "int8")
     loads = []
     real = source.load
     monkeypatch.setattr(source, "load", lambda c, **kw: loads.append((c, kw)) or real(c, **kw))
@@ -137,7 +138,7 @@ def test_calibration_runs_phase_by_phase_on_the_builds_device(copy, tmp_path, mo
     factory = StageFactory(request, source, "int8", specs, tool_versions(), None, None, graphs)
     folder = tmp_path / "folder"
     folder.mkdir()
-    engine = EngineFolder(folder, _start_manifest(folder, request, "int8", source, None, None,
+    engine = BuildFolder(folder, _start_manifest(folder, request, "int8", source, None, None,
                                                   tool_versions()))  # fmt: skip
     _run_stage(engine, factory.assets())
     _run_stage(engine, factory.negative(engine))  # tiny: zeros, no model

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from export import build_engines, check
-from export.plan import BuildError, BuildRequest, build
+from export.build_plan import BuildError, BuildRequest, build
 from runtime.folder.graphs import RUNTIME_GRAPHS
 from runtime.folder.manifest import load_manifest, sha256_file
 from runtime.folder.spec import spec_from_dict
@@ -35,7 +35,7 @@ def test_manifest_describes_the_folder(tiny_engine_dir):
 
 def test_second_run_is_a_no_op(tiny_engine_dir, caplog):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_engine_dir.iterdir()}
-    caplog.set_level("INFO", logger="export.stages")
+    caplog.set_level("INFO", logger="export.build_folder")
     build(BuildRequest(variant="tiny", out=tiny_engine_dir, graphs=RUNTIME_GRAPHS, progress=False))
     after = {p.name: p.stat().st_mtime_ns for p in tiny_engine_dir.iterdir() if p.name in before}
     changed = [n for n in before if before[n] != after[n] and n != "manifest.json"]
@@ -157,7 +157,7 @@ def test_partial_leftovers_are_cleaned(tmp_path):
     import subprocess
     import sys
 
-    from export.stages import remove_partials
+    from export.build_folder import remove_partials
 
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

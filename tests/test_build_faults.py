@@ -13,9 +13,8 @@ import textwrap
 
 import pytest
 
-from export.plan import BuildError, BuildRequest, build
-from export.stages import (
-    EngineFolder,
+from export.build_folder import (
+    BuildFolder,
     InterruptGuard,
     LockedError,
     Stage,
@@ -23,6 +22,7 @@ from export.stages import (
     lock_path,
     remove_partials,
 )
+from export.build_plan import BuildError, BuildRequest, build
 
 
 def test_a_second_build_of_the_same_folder_is_refused(tmp_path):
@@ -45,7 +45,7 @@ def test_the_lock_is_held_across_processes(tmp_path):
         import sys, time
         sys.path.insert(0, {str(os.getcwd())!r})
         from pathlib import Path
-        from export.stages import build_lock
+        from export.build_folder import build_lock
         with build_lock(Path({str(folder)!r})):
             print("held", flush=True)
             time.sleep(30)
@@ -95,7 +95,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_build(tmp_path):
 
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when started in the background
     with InterruptGuard() as guard:
-        engine = EngineFolder(tmp_path, {}, guard)
+        engine = BuildFolder(tmp_path, {}, guard)
         with pytest.raises(KeyboardInterrupt):
             engine.run(Stage("export:dit", {"k": 1}, swallowing))
     assert not (tmp_path / "half.onnx").exists()
@@ -108,7 +108,7 @@ def test_a_build_that_made_nothing_leaves_no_folder(tmp_path, monkeypatch):
     def full(self, stage):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(EngineFolder, "run", full)
+    monkeypatch.setattr(BuildFolder, "run", full)
     folder = tmp_path / "engines" / "tiny-fp32"
     with pytest.raises(OSError, match="No space"):
         build(BuildRequest(variant="tiny", out=folder, random_weights=True, progress=False))

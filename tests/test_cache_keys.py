@@ -15,11 +15,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import export.stages as stages
+import export.build_folder as build_folder
+from export.build_folder import REPO, BuildFolder
+from export.build_plan import BuildError, BuildRequest, output_folder
 from export.dims import graph_dims
-from export.plan import BuildError, BuildRequest, output_folder
-from export.stage_defs import StageFactory
-from export.stages import REPO, EngineFolder
+from export.stage_factory import StageFactory
 from runtime.folder.graphs import graph_specs
 from runtime.folder.manifest import atomic_write_json
 
@@ -34,10 +34,10 @@ def _factory(tiny_config, backend: str, precision="fp8", trt=None, sm=None):
     return StageFactory(request, source, precision, specs, VERSIONS, sm, trt, ("dit_step",))
 
 
-def _engine(tmp_path) -> EngineFolder:
+def _engine(tmp_path) -> BuildFolder:
     record = {"key": "k", "onnx": "dit_step.fp32.onnx", "files": [{"file": "dit_step.fp32.onnx",
               "sha256": SHA}]}  # fmt: skip
-    return EngineFolder(tmp_path, {"stages": {"export:dit_step": record}})
+    return BuildFolder(tmp_path, {"stages": {"export:dit_step": record}})
 
 
 def test_quantize_key_includes_the_high_precision_dtype(tiny_config, tmp_path):
@@ -56,9 +56,9 @@ def test_folder_name_includes_a_non_default_backend():
 
 
 def test_a_folder_of_another_backend_is_refused(tmp_path):
-    from export.plan import _start_manifest
+    from export.build_folder import tool_versions
+    from export.build_plan import _start_manifest
     from export.source import ModelSource
-    from export.stages import tool_versions
 
     request = BuildRequest(variant="tiny", precision="fp8", random_weights=True, out=tmp_path)
     source = ModelSource(request, "fp8")
@@ -88,7 +88,7 @@ def repo_copy(tmp_path, monkeypatch):
     """Our Python sources copied to a scratch repository that the hash reads instead."""
     for top in ("export", "training", "runtime"):
         shutil.copytree(REPO / top, tmp_path / top, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(stages, "REPO", tmp_path)
+    monkeypatch.setattr(build_folder, "REPO", tmp_path)
     return tmp_path
 
 
@@ -98,18 +98,19 @@ def _edit(path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["assets", "export", "quantize"])
 def test_source_hash_covers_what_makes_the_outputs(repo_copy, kind):
-    before = stages.exporter_source_hash(kind)
-    for unrelated in ("export/check.py", "export/plan.py", "export/trt_build.py"):
+    before = build_folder.exporter_source_hash(kind)
+    for unrelated in ("export/check.py", "export/build_plan.py", "export/trt_build.py"):
         _edit(repo_copy / unrelated)
-    assert stages.exporter_source_hash(kind) == before
+    assert build_folder.exporter_source_hash(kind) == before
     _edit(repo_copy / "training" / "checkpoint.py")
-    assert stages.exporter_source_hash(kind) != before
+    assert build_folder.exporter_source_hash(kind) != before
 
 
 def test_graph_code_rebuilds_graphs_not_assets(repo_copy):
-    assets, export = stages.exporter_source_hash("assets"), stages.exporter_source_hash("export")
+    source_hash = build_folder.exporter_source_hash
+    assets, export = source_hash("assets"), source_hash("export")
     _edit(repo_copy / "export" / "wrappers" / "generation.py")
-    assert stages.exporter_source_hash("export") != export
-    assert stages.exporter_source_hash("assets") == assets
+    assert source_hash("export") != export
+    assert source_hash("assets") == assets
     with pytest.raises(ValueError, match=r"unknown stage kind 'engine'; valid: assets, export"):
-        stages.exporter_source_hash("engine")
+        source_hash("engine")

@@ -210,7 +210,7 @@ def test_precision_auto_is_the_exporters_decision(facts, trt_pick, buildable, mo
     assert choices["tensorrt"]["buildable"] is buildable
     # the exporter resolves --precision auto with the same function, on the same SM
     from export import trt_build
-    from export.plan import BuildRequest, resolve
+    from export.build_plan import BuildRequest, resolve
 
     monkeypatch.setattr(trt_build, "compute_capability", lambda *a: facts.sm)
     request = BuildRequest(variant="tiny", backend="tensorrt", dry_run=True)

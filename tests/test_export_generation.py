@@ -21,14 +21,14 @@ from export.onnx_export import (
     torch_feeds,
     trace_sizes,
 )
-from export.plan import random_pipeline
-from export.stage_defs import graph_module
+from export.wrappers import graph_module
 from runtime.folder.graphs import graph_specs
 from runtime.folder.spec import check_feeds, sample_inputs
 from runtime.jobs import samplers
 from training import flow
 from training.config import from_preset
 from training.model.decoder import DECODER_SAMPLERS
+from training.random_weights import random_pipeline
 
 pytestmark = pytest.mark.slow  # exports graphs
 

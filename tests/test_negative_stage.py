@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from export.plan import BuildRequest, build, random_pipeline
+from export.build_plan import BuildRequest, build
 from runtime.folder.manifest import UNVERIFIED, sha256_file
 from runtime.generator import Generator
 from training.config import from_preset
+from training.random_weights import random_pipeline
 
 pytestmark = pytest.mark.slow  # builds engine folders
 

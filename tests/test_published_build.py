@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from export.build_plan import BuildRequest, build
 from export.dims import graph_dims
 from export.onnx_export import call_graph, ort_session, run_ort, torch_feeds
-from export.plan import BuildRequest, build
 from export.wrappers import graph_module
 from runtime.folder.graphs import RUNTIME_GRAPHS, graph_specs
 from runtime.folder.manifest import load_manifest

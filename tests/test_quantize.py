@@ -42,8 +42,8 @@ FLOAT8 = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ)
 def world(tmp_path_factory):
     """fp32 graphs of a seeded random tiny folder (the real build), calibration and held-out
     feeds recorded from the runtime's loop over the same model (the build's calibration path)."""
+    from export.build_plan import BuildRequest, build
     from export.model_sessions import calibration_generator
-    from export.plan import BuildRequest, build
     from export.source import ModelSource
     from runtime.folder.manifest import load_manifest
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from export import resources as r
+from export.components import COMPONENTS, GRAPH_COMPONENT
 from export.dims import graph_dims
-from export.source import COMPONENTS, GRAPH_COMPONENT
 from runtime.folder.graphs import graph_specs
 from training.config import from_preset
 

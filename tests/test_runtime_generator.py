@@ -199,7 +199,7 @@ def test_fp16_engine_folder_matches_fp32(tmp_path_factory, gen):
 
     Tolerance: max abs pixel difference <= 3 of 255 against the fp32 folder.
     """
-    from export.plan import BuildRequest, build
+    from export.build_plan import BuildRequest, build
 
     out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
     graphs = ("prefill", "dit_step", "unet_step", "vae_decoder")

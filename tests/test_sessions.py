@@ -226,7 +226,7 @@ def test_trt_session_argument_errors_before_tensorrt(specs, tmp_path):
 # ---- PyTorch reference session vs ONNX Runtime ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from export.plan import BuildRequest, build
+    from export.build_plan import BuildRequest, build
 
     out = tmp_path_factory.mktemp("tiny-fp32")
     graphs = ("dit_step", "vae_decoder", "decode")

@@ -33,30 +33,33 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 # Our own sources whose change must invalidate a stage's output, per stage kind: the model, its
-# loading and what turns it into files, never the CLI, the plan, the checks or the TensorRT code
-# (an engine's key hashes its ONNX and build settings instead).
+# loading and what turns it into files, never the CLI, the build plan, the checks or the TensorRT
+# code (an engine's key hashes its ONNX and build settings instead).
 _MODEL_SOURCES = (
     *("training/model", "training/config.py", "training/checkpoint.py"),
     *("training/checkpoint_config.py", "training/checkpoint_files.py"),
-    *("training/decoder_folder.py", "training/tokenizer.py", "export/source.py"),
+    *("training/decoder_folder.py", "training/tokenizer.py", "training/random_weights.py"),
+    *("export/source.py", "export/components.py", "export/precision.py"),
 )
 _SOURCE_DIRS = {
-    "assets": (*_MODEL_SOURCES, "export/stage_defs.py"),
+    "assets": (*_MODEL_SOURCES, "export/host_stages.py"),
     "export": (
         *_MODEL_SOURCES,
+        "export/export_stages.py",
         "export/onnx_export.py",
         "export/wrappers",
         "runtime/folder/spec.py",
     ),  # fmt: skip
     "negative": (
         *(*_MODEL_SOURCES, "export/wrappers", "export/model_sessions.py"),
+        *("export/host_stages.py", "export/build_folder.py", "export/torch_backend.py"),
         *("runtime/jobs/generation.py", "runtime/generator.py", "runtime/host/text.py"),
-        *("runtime/jobs/schedule.py", "export/torch_backend.py"),
+        "runtime/jobs/schedule.py",
     ),
     "quantize": (
         *_MODEL_SOURCES,
         *("export/quantize.py", "export/calibration.py", "export/onnx_export.py"),
-        *("runtime/jobs/schedule.py", "training/flow.py"),
+        *("export/quantize_stages.py", "runtime/jobs/schedule.py", "training/flow.py"),
     ),
 }
 _TOOLS = ("torch", "transformers", "diffusers", "onnx", "onnxscript", "onnxruntime")
@@ -206,8 +209,9 @@ class Stage:
         return canonical_hash(self.key_data)
 
 
-class EngineFolder:
-    """The output folder and its manifest, updated stage by stage."""
+class BuildFolder:
+    """An engine folder being built: the folder and its manifest, updated stage by stage (the
+    runtime's view of a finished folder is `runtime.folder.engine_folder.EngineFolder`)."""
 
     def __init__(self, folder: Path, manifest: dict, guard: InterruptGuard | None = None) -> None:
         self.folder = folder
@@ -257,3 +261,18 @@ class EngineFolder:
 
     def save(self) -> None:
         atomic_write_json(self.folder / MANIFEST, self.manifest)
+
+
+def host_entries(manifest: dict, *, negative: bool = True) -> dict:
+    """The manifest's `host` section from its build stages' records: the `assets` stage's
+    files, and the `negative` stage's (once it has run)."""
+    stages = manifest["stages"]
+    files = {f["file"]: f for f in stages["assets"]["files"]}
+    host = {
+        "embeddings": files["embeddings.npy"],
+        "latent_queries": files["latent_queries.npy"],
+        "tokenizer": files["tokenizer.json"],
+    }
+    if negative:
+        (host["negative_features"],) = stages["negative"]["files"]
+    return host

@@ -17,23 +17,42 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.source import GRAPH_COMPONENT, ModelSource, calibration_device
-from export.stages import (
+from tqdm import tqdm
+
+import export.resources as resources
+import export.trt_build as trt_build
+from export.build_folder import (
     REPO,
-    EngineFolder,
+    BuildFolder,
     InterruptGuard,
     LockedError,
     build_lock,
+    host_entries,
     remove_partials,
     tool_versions,
 )
-from runtime.errors import UserError
+from export.components import GRAPH_COMPONENT
+from export.dims import graph_dims
+from export.errors import BuildError
+from export.source import ModelSource, calibration_device
+from export.stage_factory import StageFactory
+from export.trt_plan import BATCH_DIMS, pin_batch
 from runtime.folder.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
 from runtime.folder.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
 from runtime.folder.schema import DECODER_NEGATIVES, SCHEMAS
 from runtime.folder.spec import PRECISIONS
 from runtime.machine.compat import INSTALL_ORT
 from runtime.machine.hardware import PLANNING_SM, auto_precision, resolve_precision
+from training.config import (
+    CHAT_TEMPLATE,
+    GENERATION_INSTRUCTION,
+    IMAGE_CHAT_TEXT,
+    IMAGE_PAD,
+    SYSTEM_PROMPT,
+    depth_label,
+    from_preset,
+    to_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +65,6 @@ PUBLISHED = {
     "4b": "https://huggingface.co/BLIP3o/BLIP3o-Model-4B",
     "8b": "https://huggingface.co/BLIP3o/BLIP3o-Model-8B",
 }
-
-
-class BuildError(UserError):
-    """A user error: the message says what is wrong and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +127,6 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
         if value is not None and bad:
             raise BuildError(f"{name} must be an integer >= 1, got {value!r}")
     if request.layers is not None:
-        from training.config import from_preset
-
         full = from_preset(request.variant).backbone.num_layers
         if request.layers > full:
             raise BuildError(f"--layers {request.layers}: {request.variant} has {full} layers")
@@ -132,10 +145,8 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
         )
     if request.checkpoint is not None and not request.checkpoint.is_dir():
         raise BuildError(f"checkpoint folder {request.checkpoint} does not exist")
-    from export.trt_build import compute_capability, tensorrt_version
-
-    sm = compute_capability()
-    trt = tensorrt_version()
+    sm = trt_build.compute_capability()
+    trt = trt_build.tensorrt_version()
     if request.backend == "tensorrt":
         if trt is None and not request.dry_run:
             raise BuildError(
@@ -165,8 +176,6 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
 def pinned_specs(specs: dict, static_batch: int) -> dict:
     """Every spec with a `batch` / `cfg_batch` dim pinned to B / 2B (`export.trt_plan.pin_batch`);
     the text graphs (their own batch and sequence dims) stay dynamic. B must fit the profile."""
-    from export.trt_plan import BATCH_DIMS, pin_batch
-
     try:
         return {
             name: pin_batch(spec, static_batch)
@@ -200,28 +209,13 @@ def output_folder(request: BuildRequest, precision: str, label: str | None = Non
     return folder
 
 
-def random_pipeline(cfg, seed: int):
-    """Seeded random weights (labelled as such in the manifest)."""
-    import torch
-
-    from training.model.blip3o import BLIP3o
-    from training.model.decoder import Decoder
-    from training.pipeline import ReferencePipeline
-    from training.tokenizer import build_tiny_tokenizer
-
-    torch.manual_seed(seed)
-    return ReferencePipeline(BLIP3o(cfg), Decoder(cfg.decoder), build_tiny_tokenizer())
-
-
 def template_info() -> dict:
-    from training import config as c
-
     return {
-        "chat": c.CHAT_TEMPLATE,
-        "system": c.SYSTEM_PROMPT,
-        "generation_instruction": c.GENERATION_INSTRUCTION,
-        "image_chat": c.IMAGE_CHAT_TEXT,
-        "image_pad": c.IMAGE_PAD,
+        "chat": CHAT_TEMPLATE,
+        "system": SYSTEM_PROMPT,
+        "generation_instruction": GENERATION_INSTRUCTION,
+        "image_chat": IMAGE_CHAT_TEXT,
+        "image_pad": IMAGE_PAD,
         "negative_prompt": "",
     }
 
@@ -232,10 +226,6 @@ def build(request: BuildRequest) -> Path:
     The checkpoint is checked (config, files, keys, decoder, tokenizer) before the folder is
     made: a bad one raises `BuildError` and leaves nothing behind.
     """
-    from export.dims import graph_dims
-    from export.stage_defs import StageFactory
-    from training.config import depth_label
-
     precision, sm, trt = resolve(request)
     source = ModelSource(request, precision)
     cfg = source.config
@@ -249,7 +239,7 @@ def build(request: BuildRequest) -> Path:
     factory = StageFactory(request, source, precision, specs, versions, sm, trt, names)
     if request.dry_run:
         manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
-        _print_plan(EngineFolder(folder, manifest), factory, names, folder, source)
+        _print_plan(BuildFolder(folder, manifest), factory, names, folder, source)
         return folder
     created = not folder.exists()
     try:
@@ -257,7 +247,7 @@ def build(request: BuildRequest) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             # Read under the lock: a build that finished meanwhile is seen, not overwritten.
             manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
-            _run_stages(EngineFolder(folder, manifest, guard), factory, names, request)
+            _run_stages(BuildFolder(folder, manifest, guard), factory, names, request)
     except LockedError as err:
         raise BuildError(str(err)) from None
     except BaseException:
@@ -267,7 +257,7 @@ def build(request: BuildRequest) -> Path:
     return folder
 
 
-def _run_stages(engine: EngineFolder, factory, names: list[str], request: BuildRequest) -> None:
+def _run_stages(engine: BuildFolder, factory, names: list[str], request: BuildRequest) -> None:
     folder, manifest, precision = engine.folder, engine.manifest, factory.precision
     source = factory.source
     for leftover in remove_partials(folder):
@@ -289,16 +279,12 @@ def _run_stages(engine: EngineFolder, factory, names: list[str], request: BuildR
         engine.save()
     bar.close()
     source.release()
-    from export.model_sessions import host_entries
-
     manifest["host"] = host_entries(engine.manifest)
     engine.save()
 
 
 def _run_stage(engine, stage) -> None:
-    from export.resources import peak_rss
-
-    with peak_rss(stage.name):
+    with resources.peak_rss(stage.name):
         engine.run(stage)
 
 
@@ -309,7 +295,6 @@ def _start_manifest(folder, request, precision, source, sm, trt, versions) -> di
             manifest = load_manifest(folder)
         except EngineFolderError as err:
             log.warning("ignoring the unreadable old manifest: %s", err)
-    from training.config import to_dict
 
     s = source.config.sampler
     manifest.update(
@@ -347,8 +332,6 @@ def _start_manifest(folder, request, precision, source, sm, trt, versions) -> di
 
 
 def _print_plan(engine, factory, names, folder, source) -> None:
-    from export import resources
-
     stage_names = factory.stage_names(names)
     params = resources.count_params(source.config)
     quantized = [n for n in names if factory.quantized(n)]
@@ -398,8 +381,6 @@ def _statuses(engine, factory, names):
 
 
 def _progress(enabled: bool, total: int):
-    from tqdm import tqdm
-
     return tqdm(total=total, disable=not enabled, unit="stage", desc="build")
 
 
