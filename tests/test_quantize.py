@@ -299,3 +299,48 @@ def test_bad_input_is_rejected(world, tmp_path):
         bad = {**SAMPLER, "steps": 0}
         collect_feed_sets(world["gen"], world["recorder"], {"x": (["a"], 0)}, **bad)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT: what its parser takes, and the source left alone
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("graph", "precision", "method"),
+    [(g, p, "modelopt") for g in GRAPHS for p in ("int8", "fp8")] + [("dit_step", "int8", "ort")],
+)
+def test_every_quantized_graph_passes_the_trt_lint(world, quantized, graph, precision, method):
+    """Q/DQ as TensorRT parses it: zero points 0, only INT8/FP8 dequantized (no INT32 bias
+    DQ), inputs the spec's at float32 I/O. ORT's quantize_static wrote asymmetric activations
+    and INT32 bias DQs before it was configured for TensorRT (`TRT_ORT_OPTIONS`)."""
+    from export import trt_lint
+
+    report = quantized(graph, precision, method)
+    assert report["method"] == method
+    found = trt_lint.lint(report["path"], spec=world["specs"][graph], precision=precision)
+    assert found == [], "\n".join(map(str, found))
+
+
+def test_ort_int8_is_symmetric_with_float_biases(world, quantized):
+    model = onnx.load(quantized("dit_step", "int8", "ort")["path"])
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(not np.any(inits[n.input[2]]) for n in qdq if len(n.input) > 2)
+    dq_inputs = {n.input[0] for n in qdq if n.op_type == "DequantizeLinear"}
+    assert all(inits[t].dtype == np.int8 for t in dq_inputs if t in inits)
+
+
+def test_quantization_never_writes_its_source(world, tmp_path, monkeypatch):
+    """ModelOpt rewrites the file it is given (the fp32 graphs of a finished folder grew by
+    1-3 KB and failed the folder's size check): both quantizers read a private copy."""
+    from runtime.folder.manifest import sha256_file
+
+    src = world["paths"]["vae_decoder"]
+    before = (sha256_file(src), src.stat().st_mtime_ns)
+    calib = world["calib"]["vae_decoder"]
+    for method in ("modelopt", "ort"):
+        out = tmp_path / f"v.{method}.onnx"
+        q.quantize_graph(src, out, precision="int8", calibration=calib, method=method)
+        assert (sha256_file(src), src.stat().st_mtime_ns) == before, method
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.modelopt.onnx", "v.ort.onnx"]
