@@ -13,14 +13,17 @@ roofline's projected 4b time per image on H100, H200 and Orin at 16-bit and 8-bi
 the fewest forwards whose overall is within `--tolerance` (0.03) of the default's; the folder's
 `sampler.presets.fast` is compared with it.
 
-Writes JSON (`--out`), prints a table, and draws the chart (`--chart`, quality vs forwards).
+Every setting runs through one Generator at `--threads` (default 1, recorded), so the seconds
+compare like with like. Prints the table, then writes JSON (`--out`, default
+`benchmarks/out/frontier-<variant>.json`; the committed `benchmarks/results/frontier-tiny.json`
+only when `--out` names it) and the chart of quality vs forwards (`--chart`, default beside the
+JSON; needs matplotlib, skipped with a note without it; `--no-chart`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import roofline  # noqa: E402
+from benchmarks import common, roofline  # noqa: E402
 from runtime.generator import Generator  # noqa: E402
 from runtime.jobs.samplers import decoder_plan, flow_plan  # noqa: E402
 from training.eval.geneval import TASKS, evaluate, make_prompts  # noqa: E402
@@ -161,10 +164,7 @@ def table(rows: list[dict], fast: dict, variant: str) -> str:
 
 
 def chart(rows: list[dict], fast: dict, tolerance: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # through common.save_chart: matplotlib is there, on Agg
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -198,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.03)
     parser.add_argument("--variant", default="4b", choices=("4b", "8b"), help="for projections")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/frontier-tiny.json"))
-    parser.add_argument("--chart", type=Path, default=Path("benchmarks/results/frontier-tiny.png"))
+    parser.add_argument(
+        "--threads", type=common.threads_count, default=common.DEFAULT_THREADS,
+        help="ONNX Runtime intra-op threads, every setting alike (default 1)",
+    )  # fmt: skip
+    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/out/frontier-<variant>)")
+    parser.add_argument("--chart", type=Path, help="PNG (default: beside the JSON)")
+    parser.add_argument("--no-chart", action="store_true", help="table and JSON only")
     args = parser.parse_args(argv)
     if not (args.engines / "manifest.json").is_file():
         print(
@@ -215,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     grid = args.setting or [setting(*g) for g in GRID]
     settings = [args.baseline] + [s for s in grid if s != args.baseline]
     prompts = make_prompts(args.prompt_seed, args.per_task)
-    options = {"threads": args.threads} if args.threads else None
+    options = {"threads": args.threads}
     rows = []
     with Generator.from_dir(args.engines, session_options=options) as gen:
         for s in settings:
             gen.params(**s)  # a bad setting is one clear error before anything runs
         preset = gen.manifest["sampler"].get("presets", {}).get("fast")
+        folder_variant = gen.manifest["variant"]
         for i, s in enumerate(settings):
             rows.append(measure(gen, s, prompts, args.variant))
             r = rows[-1]
@@ -236,18 +241,20 @@ def main(argv: list[str] | None = None) -> int:
         "tolerance": args.tolerance,
         "baseline": args.baseline,
         "variant": args.variant,
+        "threads": args.threads,
         "blip3o_reported_s": BLIP3O_REPORTED_S,
         "rows": rows,
         "fast": fast["setting"],
         "folder_fast_preset": preset,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.chart.parent.mkdir(parents=True, exist_ok=True)
-    chart(rows, fast, args.tolerance, args.chart)
     print(table(rows, fast, args.variant))
     print(f"fast pick: {fast['label']}; the folder's fast preset: {preset}")
-    print(f"wrote {args.out} and {args.chart}")
+    out = args.out or common.scratch(f"frontier-{folder_variant}.json")
+    common.write_json(out, result)
+    print(f"wrote {out}")
+    if not args.no_chart:
+        draw = lambda path: chart(rows, fast, args.tolerance, path)  # noqa: E731
+        common.save_chart(draw, args.chart or out.with_suffix(".png"))
     return 0
 
 

@@ -15,8 +15,10 @@ graph; FP8 linears via `torch._scaled_mm` + CUDA graph (optional, Hopper/Ada onl
 bf16); `torch.compile` + CUDA graph (last, skipped when the budget runs short). FLOP/s use the
 counts of `roofline.py` against the card's dense peak and a measured 8192^3 bf16 matmul. Per
 image: the sum of per-step times and one real timed loop (prefill, 30 DiT steps, 50 UNet steps,
-VAE) for eager bf16 and for the fastest path per graph. Results are saved after every
-measurement, so a run cut short still leaves its JSON.
+VAE) for eager bf16 and for the fastest path per graph. Every variant of a graph runs at the same
+shapes, and both per-image loops at the same steps. Results (`gpu_check.json`, under `$OUT`, the
+lent machine's return folder, else `benchmarks/out/gpu_check/`) are saved after every
+measurement, so a run cut short still leaves its JSON; the table is printed last. No chart.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import roofline  # noqa: E402
+from benchmarks import common, roofline  # noqa: E402
 from benchmarks.gpu_models import PROMPT_TOKENS, build, cast, fp8_linears  # noqa: E402
 from runtime.jobs.samplers import decoder_plan, flow_plan  # noqa: E402
 from training.config import from_preset  # noqa: E402
@@ -64,7 +66,7 @@ class Check:
         # bf16 on the GPU; the CPU dry run computes in fp32 (CPU bf16 convolutions crawl)
         self.dtype = torch.bfloat16 if self.cuda or args.dtype == "bf16" else torch.float32
         self.eager = "eager-bf16" if self.dtype == torch.bfloat16 else "eager-fp32"
-        self.out = Path(os.environ.get("OUT") or "gpu_check_out")
+        self.out = Path(os.environ.get("OUT") or common.scratch("gpu_check"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.data: dict = {"script": "benchmarks/gpu_check.py", "dry_run": args.dry_run}
 

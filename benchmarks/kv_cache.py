@@ -12,7 +12,9 @@ job's per-layer cache, the one-row write, the sampler); eos is disabled for the 
 decode exactly `--tokens` tokens. Reports min / median ms per token per context and the ratio
 long/short (target <= 1.3 on tiny: with a cache that grew by copy, every token copied the whole
 past; with one stacked cache input, ONNX Runtime split it into layers, a copy, every token).
-Writes JSON (`--out`, default benchmarks/results/kv-cache-<variant>.json). Torch-free.
+Both contexts run in one process at `--threads` (default 1, recorded). Prints the table, then
+writes JSON (`--out`, default `benchmarks/out/kv-cache-<variant>.json`; the committed
+`benchmarks/results/kv-cache-tiny.json` only when `--out` names it). Torch-free.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
 
 TARGET = 1.3
 QUESTION = "Describe the image."
@@ -40,10 +44,10 @@ def _timed_token(job) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def measure(engines: Path, *, tokens: int = 48, threads: int | None = 1) -> dict:
+def measure(engines: Path, *, tokens: int = 48, threads: int = common.DEFAULT_THREADS) -> dict:
     from runtime.generator import Generator
 
-    options = {"threads": threads} if threads else {}
+    options = {"threads": threads}
     image = np.full((64, 64, 3), 255, np.uint8)
     image[8:28, 30:50] = (40, 80, 220)
     with Generator.from_dir(engines, verify=False, session_options=options) as gen:
@@ -113,15 +117,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", type=Path, default=Path("engines/tiny-fp32"))
     parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--threads",
+        type=common.threads_count,
+        default=common.DEFAULT_THREADS,
+        help="ONNX Runtime intra-op threads, both contexts alike (default 1)",
+    )
+    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/out/kv-cache-<variant>)")
     args = parser.parse_args(argv)
-    report = measure(args.engines, tokens=args.tokens, threads=args.threads or None)
-    variant = json.loads((args.engines / "manifest.json").read_text())["variant"]
-    out = args.out or Path(__file__).parent / "results" / f"kv-cache-{variant}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    if not (args.engines / "manifest.json").is_file():
+        print(f"error: no engine folder at {args.engines}; build with "
+              "python export/build_engines.py --variant tiny", file=sys.stderr)  # fmt: skip
+        return 2
+    report = measure(args.engines, tokens=args.tokens, threads=args.threads)
     print(table(report))
+    variant = json.loads((args.engines / "manifest.json").read_text())["variant"]
+    out = args.out or common.scratch(f"kv-cache-{variant}.json")
+    common.write_json(out, report)
     print(f"wrote {out}")
     return 0
 

@@ -4,6 +4,12 @@ engine folder (ONNX Runtime fp32, INT8/FP8 Q/DQ), end to end and per graph.
     python benchmarks/latency.py --engines engines/tiny-fp32 engines/tiny-int8 --reference
     python benchmarks/latency.py --engines engines/tiny-fp32 --reference --quick   # smoke
 
+Every configuration runs at the same settings: `--threads` (default 1) intra-op threads for torch
+and ONNX Runtime alike, the same steps, samplers and guidance (the first folder's manifest
+defaults, given explicitly to both sides), the same answer cap. The threads each side actually
+used and its graph calls per run are recorded, and the table warns loudly when they differ (an
+answer that stopped early, say): a ratio between unlike runs is not a comparison.
+
 Each configuration runs in its own subprocess, so peak RSS is per configuration and the runtime's
 process never imports torch. Per configuration: load time (open the folder or build the model,
 open every session) and the first `generate` / `answer` (the reference's first `generate` also
@@ -12,9 +18,11 @@ samples the decoder's negative when its setting is blank_prompt; engine folders 
 or model forward (reference, by forward hooks) is timed on the real feeds, which gives the per-graph
 per-call latency, the time per stage, and the loop's host overhead: end-to-end time minus the
 time inside the calls. The reference uses the engine folder's own weights (its checkpoint, or the
-seeded random weights of a random-weight folder). Writes `latency.json` (machine, versions,
-settings, every number, ratios, targets) and `latency.png` (time per stage per configuration)
-under `--out`; prints the table.
+seeded random weights of a random-weight folder). Prints the table, then writes `latency.json`
+(machine, versions, settings, every number, ratios, targets) and `latency.png` (time per stage
+per configuration; needs matplotlib, skipped with a note without it) under `--out` (default
+`benchmarks/out/latency-<variant>/`; the committed `benchmarks/results/latency-tiny/` is
+rewritten only when `--out` names it).
 """
 
 from __future__ import annotations
@@ -34,12 +42,15 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.latency_report import plot, print_table, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GEN_STAGES = ("prefill", "dit_step", "unet_step", "vae_decoder")
 ANSWER_STAGES = ("vision", "prefill", "decode")
 QUESTION = "Describe the image."
+SAMPLING = ("seed", "steps", "decoder_steps", "sampler", "decoder_sampler", "guidance",
+            "decoder_guidance")  # fmt: skip
 
 
 # measurement (inside a worker process) ----------------------------------------------------------
@@ -116,13 +127,13 @@ def open_runtime(cfg: dict, log: CallLog):
         def session(self, name: str):
             return Timed(name, super().session(name))
 
-    threads = cfg["threads"] if cfg["backend"] == "onnxruntime" else None
-    options = {"threads": threads} if threads else None
+    options = {"threads": cfg["threads"]}
     gen = TimedGenerator.from_dir(cfg["folder"], device=cfg["device"], session_options=options)
     for name in GEN_STAGES + ANSWER_STAGES:
         if name in gen.manifest["graphs"]:
             gen.session(name)
-    return gen, lambda **kw: gen.generate(cfg["settings"]["prompt"], **kw)[0]
+    generate = lambda **kw: gen.generate(cfg["settings"]["prompt"], **kw)[0]  # noqa: E731
+    return gen, generate, cfg["threads"]  # every session's intra_op_num_threads
 
 
 def open_reference(cfg: dict, log: CallLog):
@@ -132,8 +143,7 @@ def open_reference(cfg: dict, log: CallLog):
     from training.config import from_dict
     from training.random_weights import random_pipeline
 
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(cfg["threads"])
     torch.set_grad_enabled(False)
     manifest = load_manifest(cfg["folder"])
     ckpt = manifest["checkpoint"]["path"]
@@ -185,7 +195,8 @@ def open_reference(cfg: dict, log: CallLog):
         return out
 
     pipe.decoder.decode_latents = vae
-    return pipe, lambda **kw: pipe.generate(cfg["settings"]["prompt"], **kw)
+    generate = lambda **kw: pipe.generate(cfg["settings"]["prompt"], **kw)  # noqa: E731
+    return pipe, generate, torch.get_num_threads()
 
 
 def worker(cfg: dict) -> dict:
@@ -193,10 +204,10 @@ def worker(cfg: dict) -> dict:
     log = CallLog()
     start = time.perf_counter()
     opener = open_reference if cfg["kind"] == "reference" else open_runtime
-    model, generate = opener(cfg, log)
+    model, generate, threads_used = opener(cfg, log)
     load_s = time.perf_counter() - start
     s = cfg["settings"]
-    kw = {"seed": s["seed"], "steps": s["steps"], "decoder_steps": s["decoder_steps"]}
+    kw = {k: s[k] for k in SAMPLING}  # the same sampling settings on both sides, explicitly
     image = test_image(s["image_size"])
 
     def answer():
@@ -217,6 +228,7 @@ def worker(cfg: dict) -> dict:
 
         device_memory = torch.cuda.max_memory_allocated()
     return {
+        "threads_used": threads_used,
         "load_s": load_s,
         "first_generate_s": first_generate_s,
         "first_answer_s": first_answer_s,
@@ -257,7 +269,7 @@ def machine() -> dict:
     return info
 
 
-def configurations(folders: list[Path], reference: bool, device: str, threads) -> list[dict]:
+def configurations(folders: list[Path], reference: bool, device: str, threads: int) -> list[dict]:
     from runtime.folder.manifest import EngineFolderError, load_manifest
 
     configs, manifests = [], []
@@ -310,11 +322,15 @@ def benchmark(args: argparse.Namespace) -> dict:
     from runtime.folder.manifest import load_manifest
 
     m = load_manifest(folders[0])
+    sampler = m["sampler"]  # the unset sampling settings: the first folder's, for every side
     settings = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps,
-                "decoder_steps": args.decoder_steps, "max_new_tokens": args.max_new_tokens,
-                "runs": args.runs, "warmup": args.warmup, "quick": args.quick,
-                "image_size": m["sampler"]["image_size"], "threads": args.threads,
-                "device": args.device, "question": QUESTION}  # fmt: skip
+                "decoder_steps": args.decoder_steps, "sampler": sampler["sampler"],
+                "decoder_sampler": sampler["decoder_sampler"], "guidance": sampler["guidance"],
+                "decoder_guidance": sampler["decoder_guidance"],
+                "max_new_tokens": args.max_new_tokens, "runs": args.runs, "warmup": args.warmup,
+                "quick": args.quick, "image_size": sampler["image_size"],
+                "threads": args.threads, "device": args.device,
+                "question": QUESTION}  # fmt: skip
     results = []
     for cfg in configs:
         print(f"measuring {cfg['name']} ({cfg['folder']}) ...", flush=True)
@@ -337,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap")
     p.add_argument("--prompt", default="a red circle above a blue square")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="intra-op threads for torch and ORT (both)")
+    p.add_argument("--threads", type=common.threads_count, default=common.DEFAULT_THREADS,
+                   help="intra-op threads of torch and ONNX Runtime alike (default 1)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="smoke: 1 run, no warm-up, 2+2 steps")
-    p.add_argument("--out", type=Path, help="default benchmarks/results/latency-<variant>")
+    p.add_argument("--out", type=Path, help="folder (default benchmarks/out/latency-<variant>)")
+    p.add_argument("--no-chart", action="store_true", help="table and JSON only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -354,13 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         args.runs, args.warmup, args.steps, args.decoder_steps = 1, 0, 2, 2
         args.max_new_tokens = min(args.max_new_tokens, 4)
     result = summarize(benchmark(args))
-    out = args.out or REPO / "benchmarks" / "results" / f"latency-{result['variant']}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / "latency.png")
-    print_table(result)
-    print(f"wrote {out / 'latency.json'} and {out / 'latency.png'}")
+    out = args.out or common.scratch(f"latency-{result['variant']}")
+    report(result, out, chart=not args.no_chart)
     return 1 if any("error" in c for c in result["configs"]) else 0
+
+
+def report(result: dict, out: Path, *, chart: bool = True) -> None:
+    """The table first, then `out/latency.json`, then the chart (when asked and possible)."""
+    print_table(result)
+    common.write_json(out / "latency.json", result)
+    print(f"wrote {out / 'latency.json'}")
+    if chart:
+        common.save_chart(lambda path: plot(result, path), out / "latency.png")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Everything here is plain arithmetic on the workers' raw records (wall time per run and the
 duration of every graph call in it), so the JSON keeps the raw runs next to the summaries.
 Targets (CPU, tiny): the runtime over ONNX Runtime at least 2x faster end to end than the
-PyTorch reference at the same steps; host overhead (time outside graph calls) at most 5%.
+PyTorch reference at the same steps and threads; host overhead (time outside graph calls) at most
+5%. `comparison` checks that the configurations ran alike (threads used, the step graphs' and the
+decoder's calls per run); when they did not, the table says so loudly above and below the ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ STAGES = {
     "answer": ("vision", "prefill", "decode"),
 }
 SPEEDUP_TARGET, HOST_TARGET = 2.0, 0.05
+WORK = (("generate", "dit_step"), ("generate", "unet_step"), ("answer", "decode"))
 COLORS = {
     "prefill": 0,
     "dit_step": 1,
@@ -76,8 +79,34 @@ def summarize(result: dict) -> dict:
                 if a and b:
                     r[g] = a["p50"] / b["p50"]
             ratios["quantized_vs_fp32"][c["name"]] = r
-    result.update(ratios=ratios, targets=targets)
+    result.update(ratios=ratios, targets=targets, comparison=comparison(ok))
     return result
+
+
+def comparison(configs: list[dict]) -> dict:
+    """Whether the measured configurations ran alike: the threads each used and the calls per run
+    of the graphs whose count is the work (steps, answer tokens); `problems` names what differs."""
+    threads = {c["name"]: c.get("threads_used") for c in configs}
+    calls = {
+        c["name"]: {g: c[s]["per_call_ms"].get(g, {}).get("calls_per_run") for s, g in WORK}
+        for c in configs
+    }
+    problems = []
+    if len(set(threads.values())) > 1:
+        problems.append(f"threads used differ: {threads}")
+    for _, graph in WORK:
+        counts = {name: per[graph] for name, per in calls.items()}
+        if len(set(counts.values())) > 1:
+            problems.append(f"{graph} calls per run differ: {counts}")
+    return {"threads_used": threads, "calls_per_run": calls, "equal": not problems,
+            "problems": problems}  # fmt: skip
+
+
+def _warn_unlike(result: dict) -> None:
+    cmp = result.get("comparison", {"equal": True})
+    if not cmp["equal"]:
+        print("WARNING: the configurations did not run alike; the ratios below compare unlike "
+              "runs: " + "; ".join(cmp["problems"]))  # fmt: skip
 
 
 def _fmt(s: dict) -> str:
@@ -90,8 +119,14 @@ def print_table(result: dict) -> None:
         f"\nlatency: {result['variant']}, {st['steps']} DiT + {st['decoder_steps']} UNet steps, "
         f"{st['image_size']}x{st['image_size']}, answer <= {st['max_new_tokens']} tokens; "
         f"{st['runs']} runs after {st['warmup']} warm-up; {m.get('cpu', m['machine'])} "
-        f"({m['cores']} cores), threads {st['threads'] or 'default'}, device {st['device']}"
+        f"({m['cores']} cores), device {st['device']}"
     )
+    print(
+        f"every configuration: threads {st['threads']}, sampler {st.get('sampler')} "
+        f"(guidance {st.get('guidance')}) + decoder {st.get('decoder_sampler')} (guidance "
+        f"{st.get('decoder_guidance')}), seed {st['seed']}"
+    )
+    _warn_unlike(result)
     print(f"{'config':<14}{'load s':>8}{'1st gen s':>10}  {'generate s p50 [min, p90]':<28}"
           f"{'answer s p50 [min, p90]':<27}{'host gen':>9}{'host ans':>9}"
           f"{'RSS MiB':>9}")  # fmt: skip
@@ -118,6 +153,7 @@ def print_table(result: dict) -> None:
                     f"{g['p50']:>10.2f} ({g['calls_per_run']:>3.0f})" if g else f"{'-':>16}"
                 )
             print(f"{c['name']:<14}" + " ".join(cells))
+    _warn_unlike(result)
     for kind, table in result["ratios"].items():
         for name, r in table.items():
             print(f"{kind} [{name}]: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()))
@@ -128,10 +164,8 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Horizontal stacked bars: p50 time per stage, per configuration, generate and answer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Horizontal stacked bars: p50 time per stage, per configuration, generate and answer.
+    Called through `common.save_chart` (matplotlib present, Agg backend)."""
     import matplotlib.pyplot as plt
 
     configs = [c for c in result["configs"] if "error" not in c]

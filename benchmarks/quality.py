@@ -7,14 +7,15 @@ runtime, for several engine folders side by side (e.g. fp32 vs INT8/FP8 Q/DQ).
 mini-GenEval task its caption form belongs to (a relation caption: position).
 
 The judge is the shapes-world evaluator of `training/eval` (numpy only); generation and answers
-come from `runtime.Generator`, so this measures the engines users ship. Writes JSON and prints a
-table with each folder's overall delta against the first folder.
+come from `runtime.Generator`, so this measures the engines users ship. Every folder runs the
+same prompts, seeds, questions and `--threads` (default 1, recorded). Prints a table with each
+folder's overall delta against the first folder, then writes JSON (`--out`, default
+`benchmarks/out/quality.json`; a committed `benchmarks/results/` file only when `--out` names it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from runtime.generator import Generator  # noqa: E402
 from training.data.shapes import parse_caption  # noqa: E402
 from training.eval.geneval import TASKS, check, evaluate, make_prompts  # noqa: E402
@@ -41,10 +43,10 @@ def prompt_task(prompt: str) -> tuple[str, dict]:
 
 
 def measure(
-    folder: Path, *, per_task: int, questions: int, threads: int | None,
+    folder: Path, *, per_task: int, questions: int, threads: int = common.DEFAULT_THREADS,
     prompt: str = README_PROMPT,
 ) -> dict:  # fmt: skip
-    options = {"threads": threads} if threads else None
+    options = {"threads": threads}
     task, spec = prompt_task(prompt)
     start = time.perf_counter()
     with Generator.from_dir(folder, session_options=options) as gen:
@@ -57,6 +59,7 @@ def measure(
     return {
         "engines": str(folder),
         "precision": gen.precision,
+        "threads": threads,
         "geneval": result,
         "understanding": understanding,
         "prompt": {"text": prompt, "task": task, "seeds": list(PROMPT_SEEDS), "passed": passed},
@@ -87,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", type=Path, nargs="+", required=True)
     parser.add_argument("--per-task", type=int, default=25, help="mini-GenEval prompts per task")
     parser.add_argument("--questions", type=int, default=200, help="held-out questions")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--threads", type=common.threads_count, default=common.DEFAULT_THREADS,
+        help="ONNX Runtime intra-op threads, every folder alike (default 1)",
+    )  # fmt: skip
     parser.add_argument(
         "--prompt", default=README_PROMPT, help="a caption also judged alone, seeds 0-3"
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
+    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/out/quality.json)")
     args = parser.parse_args(argv)
     try:
         prompt_task(args.prompt)
@@ -116,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         for f in args.engines
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2))
     print(table(rows))
-    print(f"wrote {args.out}")
+    out = args.out or common.scratch("quality.json")
+    common.write_json(out, rows)
+    print(f"wrote {out}")
     return 0
 
 

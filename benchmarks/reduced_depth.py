@@ -8,16 +8,16 @@ release does (`training.published`) at the variant's real widths with `--layers`
 (`training.config.reduced_depth`), builds it through `build_engines` (`--layers`), and records
 per stage: wall time, measured peak RSS (`export.resources.peak_rss`) next to the dry run's
 estimate, and the bytes added to the folder; per graph: the max abs error of the fp32 ONNX in
-ONNX Runtime against the PyTorch wrapper on one spec-drawn input, and the output's scale. JSON
-to `--json` (default `benchmarks/results/reduced-depth-<variant>-L<layers>.json`), a table on
-stdout. Memory scales with the widths, time with the CPU: 4b at 1 layer peaks near 5 GB.
+ONNX Runtime against the PyTorch wrapper on one spec-drawn input, and the output's scale. A table
+on stdout, then JSON to `--json` (default `benchmarks/out/reduced-depth-<variant>-L<layers>.json`;
+the committed `benchmarks/results/reduced-depth-4b-L1.json` only when `--json` names it). Memory
+scales with the widths, time with the CPU: 4b at 1 layer peaks near 5 GB.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import platform
 import sys
@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from export import resources  # noqa: E402
 from export.build_plan import BuildRequest, build  # noqa: E402
 from export.components import COMPONENTS, GRAPH_COMPONENT  # noqa: E402
@@ -170,16 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=1, help="blocks per stack")
     parser.add_argument("--graphs", nargs="+", default=list(RUNTIME_GRAPHS), metavar="GRAPH")
     parser.add_argument("--work", type=Path, help="checkpoint + engine folder (default runs/...)")
-    parser.add_argument("--json", type=Path, help="where to write the result")
+    parser.add_argument("--json", type=Path, help="result (default benchmarks/out/...)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tag = f"{args.variant}-L{args.layers}"
     work = args.work or REPO / "runs" / f"reduced-depth-{tag}"
     result = run(args.variant, args.layers, tuple(args.graphs), work)
     print_table(result)
-    path = args.json or REPO / "benchmarks" / "results" / f"reduced-depth-{tag}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = common.write_json(args.json or common.scratch(f"reduced-depth-{tag}.json"), result)
     print(f"wrote {path}")
     return 0
 

@@ -6,14 +6,17 @@ For each mode (`batched`: the graphs' batch limit, up to that many requests step
 `one-at-a-time`: `--max-batch 1 --max-running 1`) a server runs on loopback in this process and
 `--clients` concurrent clients (threads, httpx) send `/v1/images/generations` requests until
 `--requests` have been answered; throughput is images/s over the wall time, latency is per
-request (p50/p99). Defaults are short (2 DiT + 4 UNet steps) for a 2-core CPU. Writes JSON and a
-PNG chart (`--out`, default benchmarks/results/serving-<folder>.{json,png}) and prints a table.
+request (p50/p99). Both modes run at the same settings: steps, clients, requests, and `--threads`
+intra-op threads per session (default 1, recorded). Defaults are short (2 DiT + 4 UNet steps) for
+a 2-core CPU. Prints the table, then writes JSON (`--out`, default
+`benchmarks/out/serving-<folder>.json`; a committed `benchmarks/results/` file only when `--out`
+names it) and the chart beside it (.png; needs matplotlib, skipped with a note without it;
+`--no-chart`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import threading
@@ -22,6 +25,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
 
 MODES = {"batched": {}, "one-at-a-time": {"max_batch": 1, "max_running": 1}}
 
@@ -76,7 +81,7 @@ def run(
     requests: int,
     steps: int,
     decoder_steps: int,
-    threads: int | None,
+    threads: int,
 ) -> dict:
     from runtime.server.app import ServerConfig
     from runtime.server.local import local_server
@@ -99,6 +104,7 @@ def run(
         "engines": str(engines),
         "steps": steps,
         "decoder_steps": decoder_steps,
+        "threads": threads,
         "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
         "modes": results,
     }
@@ -116,10 +122,7 @@ def table(data: dict) -> str:
 
 
 def chart(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # through common.save_chart: matplotlib is there, on Agg
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for mode, rows in data["modes"].items():
@@ -138,6 +141,7 @@ def chart(data: dict, path: Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=32, help="requests per level (>= clients)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--decoder-steps", type=int, default=4)
-    p.add_argument("--threads", type=int, help="intra-op threads per session")
-    p.add_argument("--out", type=Path, help="JSON path (the chart goes beside it, .png)")
+    p.add_argument("--threads", type=common.threads_count, default=common.DEFAULT_THREADS,
+                   help="intra-op threads per session, both modes alike (default 1)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/out/serving-<folder>"
+                   ".json; the chart goes beside it, .png)")  # fmt: skip
+    p.add_argument("--no-chart", action="store_true", help="table and JSON only")
     args = p.parse_args(argv)
     if not (args.engines / "manifest.json").is_file():
         print(
@@ -160,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     data = run(
         args.engines, args.clients, args.requests, args.steps, args.decoder_steps, args.threads
     )
-    out = args.out or Path("benchmarks/results") / f"serving-{args.engines.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n")
-    chart(data, out.with_suffix(".png"))
     print(table(data))
-    print(out)
+    out = args.out or common.scratch(f"serving-{args.engines.name}.json")
+    common.write_json(out, data)
+    print(f"wrote {out}")
+    if not args.no_chart:
+        common.save_chart(lambda path: chart(data, path), out.with_suffix(".png"))
     return 0
 
 

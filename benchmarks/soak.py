@@ -5,15 +5,15 @@ process's resident memory (RSS) and open file descriptors sampled as it goes.
 
 After a warm-up (the first `--warmup` calls of each kind, which open sessions and fill
 allocator pools), RSS and open files must stay flat: the report gives the growth from the first
-sample after warm-up to the largest later one, as a ratio, against the 5% budget. Writes JSON
-(`--out`, default benchmarks/results/soak-<variant>.json) and prints a table. Linux only (reads
-/proc/self); torch-free, like the runtime.
+sample after warm-up to the largest later one, as a ratio, against the 5% budget. Prints a
+table, then writes JSON (`--out`, default `benchmarks/out/soak-<folder>.json`; the committed
+`benchmarks/results/soak-tiny-fp32.json` only when `--out` names it). `--threads` defaults to 1
+(recorded). Linux only (reads /proc/self); torch-free, like the runtime.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +21,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
 
 BUDGET = 0.05
 
@@ -48,7 +50,7 @@ def soak(
     answers: int,
     warmup: int = 10,
     every: int = 10,
-    threads: int | None = 1,
+    threads: int = common.DEFAULT_THREADS,
     steps: int | None = None,
     decoder_steps: int | None = None,
     progress: bool = True,
@@ -59,7 +61,7 @@ def soak(
     from runtime.generator import Generator
 
     samples: dict[str, list] = {"generate": [], "answer": []}
-    options = {"threads": threads} if threads else None
+    options = {"threads": threads}
     start = time.perf_counter()
     with Generator.from_dir(engines, session_options=options) as gen:
         image = None
@@ -119,12 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answers", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--every", type=int, default=10, help="sample every N calls")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=common.threads_count, default=common.DEFAULT_THREADS)
     parser.add_argument("--steps", type=int, help="DiT steps (manifest default)")
     parser.add_argument("--decoder-steps", type=int, help="UNet steps (manifest default)")
-    parser.add_argument("--out", type=Path, help="JSON report")
+    parser.add_argument("--out", type=Path, help="JSON (default benchmarks/out/soak-<folder>.json)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if not (args.engines / "manifest.json").is_file():
+        print(f"error: no engine folder at {args.engines}; build with "
+              "python export/build_engines.py --variant tiny", file=sys.stderr)  # fmt: skip
+        return 2
     report = soak(
         args.engines,
         generations=args.generations,
@@ -136,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         decoder_steps=args.decoder_steps,
         progress=not args.quiet,
     )
-    out = args.out or Path("benchmarks/results") / f"soak-{args.engines.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
+    out = args.out or common.scratch(f"soak-{args.engines.name}.json")
+    common.write_json(out, report)
     print(f"wrote {out}")
     return 0
 

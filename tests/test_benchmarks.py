@@ -3,11 +3,19 @@
 The FLOP counter is checked by hand on single layers, then against `FlopCounterMode` and the
 parameter counts of the real modules (our NextDiT, diffusers' UNet and VAE, transformers' Qwen)
 at the tiny preset, and against published parameter counts at the real sizes.
+
+What a new user meets (issue #25): comparisons run both sides at the same settings (the latency
+benchmark's default: one thread for torch and ONNX Runtime alike, recorded); default output goes
+to the git-ignored `benchmarks/out/`, never over the committed `benchmarks/results/`; the table
+comes before any chart, and without matplotlib the table and JSON still come out with one line
+saying the chart was skipped.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -23,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import gpu_models, latency, latency_report, roofline  # noqa: E402
+from benchmarks import common, gpu_models, latency, latency_report, roofline  # noqa: E402
 from training.config import DecoderConfig, from_preset  # noqa: E402
 
 
@@ -152,9 +160,10 @@ def test_gpu_check_dry_run_writes_json(tmp_path):
 @pytest.mark.slow
 def test_latency_quick_writes_json_table_and_chart(tiny_engine_dir, tmp_path):
     proc = run_script("benchmarks/latency.py", "--engines", str(tiny_engine_dir), "--reference",
-                      "--quick", "--threads", "1", "--out", str(tmp_path))  # fmt: skip
+                      "--quick", "--out", str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "runtime_vs_reference" in proc.stdout
+    assert proc.stdout.index("target ") < proc.stdout.index("latency.png")  # table, then chart
     data = json.loads((tmp_path / "latency.json").read_text())
     assert {"machine", "variant", "resolution", "settings", "configs", "ratios", "targets"} <= set(
         data
@@ -170,6 +179,10 @@ def test_latency_quick_writes_json_table_and_chart(tiny_engine_dir, tmp_path):
         graphs = set(c["generate"]["per_call_ms"]) | set(c["answer"]["per_call_ms"])
         assert {"prefill", "dit_step", "unet_step", "vae_decoder", "vision", "decode"} <= graphs
     assert [c["torch_imported"] for c in data["configs"]] == [True, False]
+    # by default both sides run one thread, and each records the threads it actually used
+    assert data["settings"]["threads"] == 1
+    assert [c["threads_used"] for c in data["configs"]] == [1, 1]
+    assert data["comparison"]["equal"], data["comparison"]["problems"]
     assert set(data["ratios"]["runtime_vs_reference"]["ort-fp32"]) == {"generate", "answer"}
     assert "ort-fp32" in data["targets"]["host_overhead_le_5pct"]
     assert (tmp_path / "latency.png").stat().st_size > 1000
@@ -200,6 +213,197 @@ def test_latency_ratios_for_a_quantized_folder():
 def test_latency_names_the_build_command_for_a_missing_folder(tmp_path):
     with pytest.raises(SystemExit, match="export/build_engines.py"):
         latency.main(["--engines", str(tmp_path / "tiny-int8")])
+
+
+# equal settings, where results go, the optional chart ---------------------------------------------
+SCRIPTS = sorted(p for p in (REPO / "benchmarks").glob("*.py") if p.name != "__init__.py")
+
+
+def fake_record(cfg: dict, *, threads_used: int | None = None, decode_calls: int = 3) -> dict:
+    """What a latency worker returns, with scripted timings (no model runs)."""
+    steps, decoder_steps = cfg["settings"]["steps"], cfg["settings"]["decoder_steps"]
+    gen = {"prefill": [0.01], "dit_step": [0.002] * steps, "unet_step": [0.002] * decoder_steps,
+           "vae_decoder": [0.01]}  # fmt: skip
+    ans = {"vision": [0.01], "prefill": [0.01], "decode": [0.001] * decode_calls}
+    return {"threads_used": cfg["threads"] if threads_used is None else threads_used,
+            "load_s": 0.5, "first_generate_s": 0.2, "first_answer_s": 0.05,
+            "peak_rss_bytes": 2**27, "device_memory_peak_bytes": None,
+            "generate_runs": [{"seconds": 0.3, "calls": gen}] * cfg["settings"]["runs"],
+            "answer_runs": [{"seconds": 0.05, "calls": ans}] * cfg["settings"]["runs"],
+            "versions": {}, "torch_imported": cfg["kind"] == "reference"}  # fmt: skip
+
+
+@pytest.fixture
+def fake_tiny_folder(tmp_path):
+    from tests.fake_sessions import fake_folder
+
+    return fake_folder(tmp_path / "engines" / "tiny-fp32")
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """The benchmarks' default output folder, redirected; fails if a committed result changes."""
+
+    def digest():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(common.RESULTS.rglob("*")) if p.is_file()}  # fmt: skip
+
+    before = digest()
+    monkeypatch.setattr(common, "SCRATCH", tmp_path / "scratch")
+    yield tmp_path / "scratch"
+    assert digest() == before, "a benchmark rewrote a committed file under benchmarks/results/"
+
+
+def latency_run(folder: Path, monkeypatch, *args: str, threads_used: dict | None = None) -> list:
+    """latency.main over scripted workers; returns the configurations the workers were given.
+    `threads_used` overrides what a configuration reports it ran at, by name."""
+    given = []
+
+    def run_config(cfg):
+        given.append(cfg)
+        return fake_record(cfg, threads_used=(threads_used or {}).get(cfg["name"]))
+
+    monkeypatch.setattr(latency, "run_config", run_config)
+    assert latency.main(["--engines", str(folder), "--reference", "--quick", *args]) == 0
+    return given
+
+
+def test_latency_default_runs_both_sides_at_one_thread_and_records_it(
+    fake_tiny_folder, scratch, monkeypatch, capsys
+):
+    given = latency_run(fake_tiny_folder, monkeypatch, "--no-chart")
+    assert [c["kind"] for c in given] == ["reference", "runtime"]
+    assert [c["threads"] for c in given] == [1, 1]
+    assert given[0]["settings"] == given[1]["settings"]  # steps, samplers, guidance, seed, ...
+    settings = given[0]["settings"]
+    sampler = json.loads((fake_tiny_folder / "manifest.json").read_text())["sampler"]
+    assert {k: settings[k] for k in ("sampler", "decoder_sampler", "guidance")} == {
+        k: sampler[k] for k in ("sampler", "decoder_sampler", "guidance")
+    }
+    data = json.loads((scratch / "latency-tiny" / "latency.json").read_text())  # the default
+    assert data["settings"]["threads"] == 1 and data["settings"]["steps"] == 2
+    assert data["comparison"]["threads_used"] == {"reference": 1, "ort-fp32": 1}
+    assert data["comparison"]["equal"] and "WARNING" not in capsys.readouterr().out
+
+
+def test_latency_refuses_a_thread_count_left_to_each_library(fake_tiny_folder, capsys):
+    for bad in ("0", "-2", "auto"):
+        with pytest.raises(SystemExit):
+            latency.main(["--engines", str(fake_tiny_folder), "--reference", "--threads", bad])
+        assert "thread count >= 1" in capsys.readouterr().err
+
+
+def test_latency_warns_loudly_when_the_sides_ran_unlike(fake_tiny_folder, scratch, monkeypatch,
+                                                         capsys):  # fmt: skip
+    latency_run(fake_tiny_folder, monkeypatch, "--no-chart", threads_used={"reference": 2})
+    data = json.loads((scratch / "latency-tiny" / "latency.json").read_text())
+    assert not data["comparison"]["equal"]
+    out = capsys.readouterr().out
+    assert out.count("WARNING: the configurations did not run alike") == 2  # above and below
+    assert "threads used differ" in out
+    result = latency_report.summarize(
+        {"configs": [{"name": "reference", "kind": "reference", "precision": "fp32",
+                      **fake_record({"threads": 1, "kind": "reference",
+                                     "settings": {"steps": 2, "decoder_steps": 2, "runs": 1}},
+                                    decode_calls=31)},
+                     {"name": "ort-fp32", "kind": "runtime", "precision": "fp32",
+                      **fake_record({"threads": 1, "kind": "runtime",
+                                     "settings": {"steps": 2, "decoder_steps": 2, "runs": 1}})}]}
+    )  # fmt: skip
+    assert result["comparison"]["problems"] == [
+        "decode calls per run differ: {'reference': 31.0, 'ort-fp32': 3.0}"
+    ]  # an answer that ran longer on one side is unlike work
+
+
+def test_without_matplotlib_the_table_and_json_still_come_out(
+    fake_tiny_folder, scratch, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    latency_run(fake_tiny_folder, monkeypatch)
+    out = capsys.readouterr().out
+    folder = scratch / "latency-tiny"
+    assert json.loads((folder / "latency.json").read_text())["configs"]
+    assert not (folder / "latency.png").exists()
+    assert "runtime_vs_reference [ort-fp32]" in out  # the table
+    skipped = [line for line in out.splitlines() if "chart skipped" in line]
+    assert len(skipped) == 1 and "pip install matplotlib" in skipped[0]
+    assert out.index("runtime_vs_reference") < out.index("chart skipped")
+
+
+def test_scripts_import_matplotlib_only_to_draw_and_name_no_committed_path():
+    """No benchmark imports matplotlib at module level (only `common.save_chart`, then the chart
+    functions it calls), and none spells a path under benchmarks/results/ in its code (docstrings
+    may: they say that `--out` can name one)."""
+    for path in SCRIPTS:
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            names = [a.name for a in getattr(node, "names", [])]
+            module = getattr(node, "module", None) or ""
+            assert not any(n.startswith("matplotlib") for n in names), path.name
+            assert not module.startswith("matplotlib"), path.name
+        docstrings = {
+            id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)
+        }  # fmt: skip
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if id(node) not in docstrings and path.name != "common.py":
+                    assert "results" not in node.value.split("/"), (path.name, node.value)
+                    assert "results" != node.value, (path.name, node.value)
+    assert common.scratch("x").parent == REPO / "benchmarks" / "out"
+    assert "/benchmarks/out/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_roofline_writes_nothing_without_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    roofline.main(["--variant", "tiny"])
+    assert "per call" in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def scripted_generators(monkeypatch):
+    """Every `Generator.from_dir` opens scripted sessions (tests/fake_sessions.py): the scripts'
+    control flow and outputs without exporting anything; the answer runs to its length cap."""
+    from runtime.generator import Generator
+    from tests.fake_sessions import Script, ScriptedGraphs
+
+    real = Generator.from_dir.__func__
+
+    def from_dir(cls, path, **kw):
+        return real(cls, path, **{**kw, "open_graph": ScriptedGraphs(Script(eos=None))})
+
+    monkeypatch.setattr(Generator, "from_dir", classmethod(from_dir))
+
+
+def test_runtime_benchmarks_default_to_scratch(
+    fake_tiny_folder, scripted_generators, scratch, monkeypatch, capsys
+):
+    """kv_cache, soak, quality, serving and frontier without --out: benchmarks/out/, one thread,
+    recorded; frontier and serving without matplotlib still write their table and JSON."""
+    from benchmarks import frontier, kv_cache, quality, serving, soak
+
+    folder = str(fake_tiny_folder)
+    assert kv_cache.main(["--engines", folder, "--tokens", "2"]) == 0
+    assert json.loads((scratch / "kv-cache-tiny.json").read_text())["threads"] == 1
+    args = ["--generations", "2", "--answers", "2", "--warmup", "1", "--every", "1", "-q"]
+    assert soak.main(["--engines", folder, *args, "--steps", "1", "--decoder-steps", "1"]) == 0
+    assert json.loads((scratch / "soak-tiny-fp32.json").read_text())["threads"] == 1
+    assert quality.main(["--engines", folder, "--per-task", "1", "--questions", "1"]) == 0
+    assert json.loads((scratch / "quality.json").read_text())[0]["threads"] == 1
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    args = ["--clients", "1", "--requests", "1", "--steps", "1", "--decoder-steps", "1"]
+    assert serving.main(["--engines", folder, *args]) == 0
+    assert json.loads((scratch / "serving-tiny-fp32.json").read_text())["threads"] == 1
+    one = ["--baseline", "euler:1,euler:1", "--setting", "euler:1,euler:1"]
+    assert frontier.main(["--engines", folder, "--per-task", "1", *one]) == 0
+    assert json.loads((scratch / "frontier-tiny.json").read_text())["threads"] == 1
+    assert not list(scratch.glob("*.png"))
+    out = capsys.readouterr().out
+    assert "images/s" in out and "fast pick" in out  # both tables
+    assert out.count("chart skipped") == 2 and out.count("pip install matplotlib") == 2
 
 
 @pytest.mark.slow
