@@ -65,3 +65,15 @@ def tiny_reference(tiny_engine_dir):
     if manifest["checkpoint"]["path"]:
         return load_pipeline(manifest["checkpoint"]["path"])
     return random_pipeline(from_dict(manifest["config"]), 0)
+
+
+# The fast tier exports nothing: a test that needs a real engine folder (or the reference over
+# its weights) is slow, whatever file it lives in. Control flow is tested in the fast tier over
+# scripted sessions (tests/fake_sessions.py).
+EXPORTING_FIXTURES = {"tiny_engine_dir", "tiny_reference"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if EXPORTING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
