@@ -1,10 +1,13 @@
 """Ray Serve scale-out on one machine: a local two-node cluster (`ray.cluster_utils.Cluster`),
-two replicas; requests spread over both, and a replica killed under load loses no request."""
+two replicas; requests spread over both, and replicas killed at random points under load lose
+no request (plain answers are retried until whole; streams end in an error event the client
+retries on, never a broken connection)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import random
 import socket
 import threading
 import time
@@ -86,31 +89,85 @@ def test_requests_spread_over_two_replicas(cluster_url):
     assert httpx.get(f"{cluster_url}/v1/health/ready").status_code == 200
 
 
-def test_a_killed_replica_loses_no_request(cluster_url, tiny_engine_dir):
-    from runtime.generator import Generator
-
-    body = {**BODY, "num_inference_steps": 8, "decoder_num_inference_steps": 20}
-    results: dict = {}
-    seeds = list(range(100, 140))
-    threads = fire(cluster_url, seeds, results, body)
-    deadline = time.monotonic() + 120
-    while len(results) < 4 and time.monotonic() < deadline:  # the load is under way
-        time.sleep(0.05)
-    names = [
+def replica_actors() -> list[str]:
+    return [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
         if "Replica" in a["name"] and "Front" not in a["name"]
     ]
-    assert len(names) >= 2, names
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    answered_before_kill = len(results)
-    for t in threads:
+
+
+def running_replicas() -> int:
+    status = serve.status().applications["blip3o"].deployments["Replica"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def read_stream(url: str, body: dict) -> tuple[str, list[str]]:
+    """One streamed request: ("completed" | "replica_lost" | "broken: ..." | other, events)."""
+    try:
+        with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=300) as r:
+            if r.status_code != 200:
+                return f"status {r.status_code}", []
+            events = [x[7:] for x in r.iter_lines() if x.startswith("event: ")]
+    except httpx.HTTPError as err:  # a broken connection: what must never happen
+        return f"broken: {err!r}", []
+    if events and events[-1] == "image_generation.completed":
+        return "completed", events
+    return ("replica_lost" if events and events[-1] == "error" else "incomplete"), events
+
+
+def test_replicas_killed_at_random_points_lose_no_request(cluster_url, tiny_engine_dir):
+    """Plain and streamed requests under load while replicas are killed at random moments,
+    one at a time, twice. Plain requests: every one answered 200, equal to a local
+    Generator's image (retried by the front when their replica died, mid-answer included).
+    Streams: never a broken connection; one whose replica died after its first event ends in
+    an `error` event (replica_lost), which the client acts on by retrying: all complete."""
+    from runtime.generator import Generator
+
+    rng = random.Random(0)
+    body = {**BODY, "num_inference_steps": 8, "decoder_num_inference_steps": 20}
+    results: dict = {}
+    seeds = list(range(100, 150))
+    threads = fire(cluster_url, seeds, results, body)
+    streams: dict[int, list] = {}
+
+    def streamer(seed):
+        outcomes = []
+        for _ in range(4):  # the client acts on replica_lost: it retries
+            outcome, _ = read_stream(cluster_url, {**body, "seed": seed, "stream": True,
+                                                    "partial_images": 2})  # fmt: skip
+            outcomes.append(outcome)
+            if outcome != "replica_lost":
+                break
+        streams[seed] = outcomes
+
+    stream_threads = [threading.Thread(target=streamer, args=(s,)) for s in range(500, 506)]
+    for t in stream_threads:
+        t.start()
+    deadline = time.monotonic() + 180
+    while len(results) < 2 and time.monotonic() < deadline:  # the load is under way
+        time.sleep(0.05)
+    kills = []
+    for _ in range(2):
+        time.sleep(rng.uniform(0.0, 1.5))  # a random point of the requests under way
+        names = replica_actors()
+        assert names, "no replica to kill"
+        victim = rng.choice(names)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        kills.append((victim, len(results)))
+        while running_replicas() < 2 and time.monotonic() < deadline:  # Serve replaces it
+            time.sleep(0.2)
+    for t in threads + stream_threads:
         t.join()
-    assert 4 <= answered_before_kill < len(seeds)  # the replica died mid-load
+    assert kills[0][1] < len(seeds), "the load finished before the first kill"
     lost = {s: r for s, r in results.items() if r[0] != 200}
     assert not lost, lost
-    assert len(results) == len(seeds)
+    assert sorted(results) == seeds
+    assert all(outcomes[-1] == "completed" for outcomes in streams.values()), streams
+    assert not any(o.startswith("broken") for v in streams.values() for o in v), streams
     with Generator.from_dir(tiny_engine_dir) as gen:
-        for seed in seeds[-3:]:  # answered after the kill: retried or on the survivor
+        for seed in rng.sample(seeds, 3):
             ref = gen.generate("a red circle", seed=seed, steps=8, decoder_steps=20)[0]
-            assert np.array_equal(png(results[seed][2]["data"][0]["b64_json"]), np.asarray(ref))
+            got = results[seed][2]["data"][0]
+            assert got["seed"] == seed
+            assert np.array_equal(png(got["b64_json"]), np.asarray(ref))

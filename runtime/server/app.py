@@ -51,7 +51,7 @@ def contract(app: FastAPI, state: State) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=_version(), routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (state.image_model, state.chat_model):
+        for model in (state.image_model, state.job_model, state.chat_model):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

@@ -22,6 +22,7 @@ def routes(state: State) -> APIRouter:
 
     @router.post(
         "/v1/chat/completions",
+        operation_id="createChatCompletion",
         summary="Answer a question about one image (OpenAI's chat API; SSE when stream is true)",
         responses=responses(400, 404, 413, 422, 429, 500, 503, ok=ChatCompletion, stream=True),
         openapi_extra=contract.request_body("ChatRequest"),

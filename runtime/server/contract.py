@@ -113,7 +113,25 @@ ERRORS = {
 RETRY_AFTER = {
     "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}},
 }
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events"}}}
+# One server-sent event (OpenAPI 3.1: an event stream's schema describes each event).
+EVENT = {
+    "type": "object",
+    "description": "one server-sent event: image_generation.partial_image / .completed (their "
+    "data: the image, its seed on completed), chat.completion.chunk events (no event name; the "
+    "last data is [DONE]) or error (data: an error object; code replica_lost under Ray: retry)",
+    "properties": {
+        "event": {
+            "enum": [
+                "image_generation.partial_image",
+                "image_generation.completed",
+                "error",
+            ]
+        },
+        "data": {"type": "string", "description": "the event's JSON (or [DONE])"},
+    },
+    "required": ["data"],
+}
+SSE = {"text/event-stream": {"schema": EVENT}}
 
 
 def request_body(model_name: str) -> dict:

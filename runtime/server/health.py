@@ -30,11 +30,12 @@ def routes(state: State) -> APIRouter:
             return JsonResponse({"status": "failed", "reason": reason}, status_code=503)
         return {"status": "ok"}
 
-    router.get("/health", responses=HEALTH, summary="Liveness")(live)
-    router.get("/v1/health/live", responses=HEALTH, summary="Liveness")(live)
+    router.get("/health", operation_id="health", responses=HEALTH, summary="Liveness")(live)
+    router.get("/v1/health/live", operation_id="live", responses=HEALTH, summary="Liveness")(live)
 
     @router.get(
         "/v1/health/ready",
+        operation_id="ready",
         responses={**HEALTH, 503: {**HEALTH[503], "headers": RETRY_AFTER}},
         summary="Readiness: the folder is open and warmed up",
     )
@@ -47,12 +48,12 @@ def routes(state: State) -> APIRouter:
             headers={"Retry-After": "5"},
         )
 
-    @router.get("/v1/models", responses={200: {"model": ModelList}})
+    @router.get("/v1/models", operation_id="listModels", responses={200: {"model": ModelList}})
     def models():
         card = {"id": state.model, "object": "model", "created": 0, "owned_by": "blip3o-edge"}
         return {"object": "list", "data": [card]}
 
-    @router.get("/metrics", response_class=Response, responses=PROMETHEUS)
+    @router.get("/metrics", operation_id="metrics", response_class=Response, responses=PROMETHEUS)
     def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -4,6 +4,7 @@ with partial images), over the scheduler. Every image says the seed it was drawn
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from fastapi import APIRouter, Request
@@ -21,25 +22,25 @@ from runtime.server.streams import bridge, guarded, next_event
 STEP_FIELDS = {v: k for k, v in IMAGE_FIELDS.items() if v in ("steps", "decoder_steps")}
 
 
-def image_task(state: State, raw: bytes) -> tuple[ImageTask, dict, int]:
-    """A validated, not yet queued image task from a request body: (task, fields, prompt
-    tokens). Every bad value is an `ApiError` (400 naming the API field, 404 model, 503)."""
-    req = models.parse(state.image_model, raw)
+def image_task(state: State, raw: bytes, model=None) -> tuple[ImageTask, dict, int]:
+    """A validated, not yet queued image task from a request body (`model`: the request
+    model, default the images one): (task, fields, prompt tokens). Every bad value is an
+    `ApiError` (400 naming the API field, 404 model, 503)."""
+    req = models.parse(model or state.image_model, raw)
     state.check_ready()
     fields = protocol.image_fields(req, model=state.model, image_size=state.image_size)
     try:
-        params = state.gen.params(**fields["settings"])
+        settings = fields["settings"]
+        params = state.gen.params(**settings)
         cap = state.config.max_steps
-        for name, api in STEP_FIELDS.items():
+        for name, api in STEP_FIELDS.items() if cap else ():
             value = getattr(params, name)
-            if cap and value > cap:
-                default = (
-                    " (the folder's default; set it)" if fields["settings"][name] is None else ""
-                )
+            if value > cap and settings[name] is None:  # the folder's default: capped
+                params = dataclasses.replace(params, **{name: cap})
+            elif value > cap:
                 raise ApiError(
-                    400, f"{api} must be in [1, {cap}] on this server, got {value}{default}",
-                    param=api,
-                )  # fmt: skip
+                    400, f"{api} must be in [1, {cap}] on this server, got {value}", param=api
+                )
         job = state.gen.start(fields["prompt"], params)  # validated, not yet run
         tokens = len(state.gen.prompts.generation_ids(job.prompt))
     except (UserError, ResultError) as err:
@@ -50,7 +51,7 @@ def image_task(state: State, raw: bytes) -> tuple[ImageTask, dict, int]:
 def _body(task: ImageTask, fields: dict, tokens: int) -> dict:
     return protocol.images_body(
         task.images,
-        seed=task.job.params.seed,
+        seed=task.seed,
         created=int(task.created),
         size=fields["size"],
         prompt_tokens=tokens,
@@ -62,6 +63,7 @@ def routes(state: State) -> APIRouter:
 
     @router.post(
         "/v1/images/generations",
+        operation_id="createImage",
         summary="Generate images (OpenAI's images API; SSE when stream is true)",
         responses=responses(400, 404, 413, 422, 429, 500, 503, ok=ImagesResponse, stream=True),
         openapi_extra=contract.request_body("ImageRequest"),
@@ -100,7 +102,7 @@ def routes(state: State) -> APIRouter:
         if first[0] == "done" and task.status != "succeeded":
             state.metrics.record("images", "400", start)
             raise api_error(task.error)
-        seed = task.job.params.seed
+        seed = task.seed
 
         def event(kind: str, image, index=None) -> bytes:
             body = protocol.image_event(

@@ -32,6 +32,20 @@ def job_view(job: dict) -> dict:
     return view
 
 
+def job_links(answers: dict) -> dict:
+    """OpenAPI links from a created job to its status, content and cancel operations."""
+    ref = {"job_id": "$response.body#/id"}
+    answers[202]["links"] = {
+        name: {"operationId": op, "parameters": ref}
+        for name, op in (
+            ("status", "getImageJob"),
+            ("content", "getImageJobContent"),
+            ("cancel", "cancelImageJob"),
+        )
+    }
+    return answers
+
+
 def routes(state: State) -> APIRouter:
     router = APIRouter()
 
@@ -42,10 +56,13 @@ def routes(state: State) -> APIRouter:
 
     @router.post(
         "/v1/images/jobs",
+        operation_id="createImageJob",
         status_code=202,
         summary="Start an image job (poll it); Idempotency-Key makes a retry safe",
-        responses=responses(400, 404, 409, 413, 429, 500, 503, ok=ImageJob, ok_status=202),
-        openapi_extra=contract.request_body("ImageRequest"),
+        responses=job_links(
+            responses(400, 404, 409, 413, 429, 500, 503, ok=ImageJob, ok_status=202)
+        ),
+        openapi_extra=contract.request_body("ImageJobRequest"),
     )
     async def create_job(request: Request):
         raw = await request.body()
@@ -61,7 +78,7 @@ def routes(state: State) -> APIRouter:
                 )
             if job_id in state.jobs:
                 return JsonResponse(job_view(state.jobs[job_id]), status_code=202)
-        task, fields, tokens = image_task(state, raw)
+        task, fields, tokens = image_task(state, raw, state.job_model)
         if fields["stream"]:
             raise ApiError(
                 400, "stream is not supported on the job API; poll the job", param="stream"
@@ -74,12 +91,17 @@ def routes(state: State) -> APIRouter:
         location = {"Location": f"/v1/images/jobs/{job['id']}"}
         return JsonResponse(job_view(job), status_code=202, headers=location)
 
-    @router.get("/v1/images/jobs/{job_id}", responses=responses(404, ok=ImageJob))
+    @router.get(
+        "/v1/images/jobs/{job_id}",
+        operation_id="getImageJob",
+        responses=responses(404, ok=ImageJob),
+    )
     def job_status(job_id: str):
         return job_view(get_job(job_id))
 
     @router.get(
         "/v1/images/jobs/{job_id}/content",
+        operation_id="getImageJobContent",
         responses=responses(400, 404, 409, 422, 500, ok=ImagesResponse),
     )
     def job_content(job_id: str):
@@ -88,7 +110,7 @@ def routes(state: State) -> APIRouter:
         if task.status == "succeeded":
             return protocol.images_body(
                 task.images,
-                seed=task.job.params.seed,
+                seed=task.seed,
                 created=int(task.created),
                 size=job["fields"]["size"],
                 prompt_tokens=job["tokens"],
@@ -105,7 +127,11 @@ def routes(state: State) -> APIRouter:
             headers={"Retry-After": "1"},
         )
 
-    @router.post("/v1/images/jobs/{job_id}/cancel", responses=responses(404, ok=ImageJob))
+    @router.post(
+        "/v1/images/jobs/{job_id}/cancel",
+        operation_id="cancelImageJob",
+        responses=responses(404, ok=ImageJob),
+    )
     def job_cancel(job_id: str):
         job = get_job(job_id)
         job["task"].cancel()

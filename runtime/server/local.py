@@ -13,13 +13,21 @@ import time
 
 import uvicorn
 
-from runtime.server.app import ServerConfig, create_app
+from runtime.server.app import create_app
+from runtime.server.state import ServerConfig, State
 
 
 @contextlib.contextmanager
-def local_server(config: ServerConfig, *, ready_timeout: float = 120.0, wait_ready: bool = True):
-    """Run the app on 127.0.0.1 (a free port) in a thread; yields its base URL."""
-    app = create_app(config)
+def local_server(
+    config: ServerConfig,
+    *,
+    ready_timeout: float = 120.0,
+    wait_ready: bool = True,
+    state: State | None = None,
+):
+    """Run the app on 127.0.0.1 (a free port) in a thread; yields its base URL. `state`: the
+    app's (made from `config` when not given), for a caller that inspects it."""
+    app = create_app(config, state=state)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

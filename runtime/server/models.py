@@ -18,10 +18,12 @@ object, or not of the model's types, is an `ApiError` 400 naming the field.
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -38,6 +40,7 @@ from runtime.server.errors import ApiError
 
 MAX_DEPTH = 32  # JSON nesting: the deepest request (a chat part's image_url) is 6
 MAX_PARTIAL_IMAGES = 3
+PROMPT = r"^[^\u0000]*\S[^\u0000]*$"  # what runtime.validate.text takes (Unicode, too)
 
 # API field -> params field, for the API names that differ (OpenAI's / vLLM-omni's); the other
 # params fields keep their names in the API.
@@ -81,9 +84,19 @@ def _json_type(info: dict, limits: dict | None = None) -> dict:
     return schema
 
 
+def _integral(value):
+    """JSON's integers: `2.0` is one (JSON Schema's `integer` holds it), `2.5` and `true` not."""
+    if type(value) is float and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
 def _param_field(info: dict, description: str, limits: dict | None = None):
     """A model field for a params field: strict JSON type, nullable (null: the default)."""
-    strict = {int: StrictInt, float: StrictFloat | StrictInt, str: StrictStr}[info["kind"]]
+    strict = {int: Integer, float: StrictFloat | StrictInt, str: StrictStr}[info["kind"]]
     schema = {"anyOf": [_json_type(info, limits), {"type": "null"}]}
     return (
         Annotated[strict | None, WithJsonSchema(schema)],
@@ -97,11 +110,18 @@ class _Model(BaseModel):
 
 
 def image_request_model(
-    *, image_size: int | None = None, max_images: int | None = None, presets=(), max_steps=None
+    *,
+    image_size: int | None = None,
+    max_images: int | None = None,
+    presets=(),
+    max_steps=None,
+    model: str | None = None,
+    job: bool = False,
 ) -> type[BaseModel]:
-    """The images request (`/v1/images/generations`, `/v1/images/jobs`): OpenAI's fields plus
-    the sampler fields of `GeneratorParams` (vLLM-omni's names where they differ), bounded by
-    the served folder where it is known (size, batch, presets) and by `max_steps`."""
+    """The images request (`/v1/images/generations`; with `job`, `/v1/images/jobs`, which
+    does not stream): OpenAI's fields plus the sampler fields of `GeneratorParams` (vLLM-omni's
+    names where they differ), bounded by the served folder where it is known (model id, size,
+    batch, presets) and by `max_steps`."""
     info = field_info(GeneratorParams)
     limits: dict[str, dict] = {"num_images": {"minimum": 1}}
     if max_images:
@@ -121,13 +141,14 @@ def image_request_model(
             help += " (default: the served folder's)"
         fields[api] = _param_field(info[name], help, limits.get(name))
     sizes = ["auto"] + ([f"{image_size}x{image_size}"] if image_size else [])
+    stream = {"enum": [False, None]} if job else {"anyOf": [{"type": "boolean"}, {"type": "null"}]}
     return create_model(
-        "ImageRequest",
+        "ImageJobRequest" if job else "ImageRequest",
         __base__=_Model,
-        model=(StrictStr | None, Field(None, description="the served model id (or left out)")),
+        model=served_model(model),
         prompt=(
-            Annotated[StrictStr, WithJsonSchema({"type": "string", "pattern": r"\S"})],
-            Field(description="what to draw (not empty)"),
+            Annotated[StrictStr, WithJsonSchema({"type": "string", "pattern": PROMPT})],
+            Field(description="what to draw (not empty, no NUL)"),
         ),
         size=(
             Annotated[StrictStr | None, WithJsonSchema({"enum": [*sizes, None]})],
@@ -141,10 +162,13 @@ def image_request_model(
             Annotated[StrictStr | None, WithJsonSchema({"enum": ["png", None]})],
             Field(None, description="png only"),
         ),
-        stream=(StrictBool | None, Field(None, description="server-sent events")),
+        stream=(
+            Annotated[StrictBool | None, WithJsonSchema(stream)],
+            Field(None, description="server-sent events" + (" (not on jobs)" if job else "")),
+        ),
         partial_images=(
             Annotated[
-                StrictInt | None,
+                Integer | None,
                 WithJsonSchema(
                     {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 3}, {"type": "null"}]}
                 ),
@@ -167,7 +191,7 @@ class ContentPart(_Model):
 
 
 class Message(_Model):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user"]  # one user turn; multi-turn is not served
     content: StrictStr | list[ContentPart] | None = None
 
 
@@ -175,7 +199,24 @@ class StreamOptions(_Model):
     include_usage: StrictBool | None = None
 
 
-def chat_request_model() -> type[BaseModel]:
+# exactly one user message (system / developer messages beside it are ignored)
+ONE_USER = {
+    "contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]},
+    "minContains": 1,
+    "maxContains": 1,
+}
+
+
+def served_model(model: str | None):
+    """The `model` field: the served model's id, or left out (another id is a 404)."""
+    schema = {"enum": [model, None]} if model else {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    return (
+        Annotated[StrictStr | None, WithJsonSchema(schema)],
+        Field(None, description="the served model id (or left out)"),
+    )
+
+
+def chat_request_model(model: str | None = None) -> type[BaseModel]:
     """The chat request: OpenAI's fields plus the sampling fields of `AnswerParams`."""
     info = field_info(AnswerParams)
     fields: dict[str, Any] = {}
@@ -187,10 +228,14 @@ def chat_request_model() -> type[BaseModel]:
     return create_model(
         "ChatRequest",
         __base__=_Model,
-        model=(StrictStr | None, Field(None, description="the served model id (or left out)")),
+        model=served_model(model),
         messages=(
             list[Message],
-            Field(min_length=1, description="one user message with one image (system ignored)"),
+            Field(
+                min_length=1,
+                description="one user message with one image (system ignored)",
+                json_schema_extra=ONE_USER,
+            ),
         ),
         stream=(StrictBool | None, None),
         stream_options=(StreamOptions | None, None),

@@ -89,8 +89,23 @@ class ImageTask(_Waitable):
     cancel_requested: bool = False
     _done_event: threading.Event = field(default_factory=threading.Event)
 
+    final: tuple | None = None  # (stage, steps done, steps total) once the job is let go
+    seed: int = field(init=False, default=0)  # the images' seed (the job's)
+
+    def __post_init__(self) -> None:
+        self.seed = self.job.params.seed
+
+    def let_go(self) -> None:
+        """Drop the finished job (its noise, features, latents): a kept task holds only its
+        images and numbers (the job API keeps hundreds)."""
+        if self.job is not None:
+            self.final = (self.job.stage, self.job.done_steps, self.job.total)
+            self.job = None
+
     @property
     def stage(self) -> str:
+        if self.final is not None:
+            return self.final[0]
         return "queued" if self.status == "queued" else self.job.stage
 
     @property
@@ -99,11 +114,11 @@ class ImageTask(_Waitable):
 
     @property
     def steps_done(self) -> int:
-        return self.job.done_steps
+        return self.final[1] if self.final is not None else self.job.done_steps
 
     @property
     def steps_total(self) -> int:
-        return self.job.total
+        return self.final[2] if self.final is not None else self.job.total
 
     def partial_steps(self) -> set[int]:
         """UNet call indices after which a partial image is sent (evenly spaced, not the last)."""
@@ -221,6 +236,8 @@ class Scheduler:
             task.error = SchedulerClosed("the server shut down before this request finished")
             task.status = "cancelled"
             _close_job(task)
+            if isinstance(task, ImageTask):
+                task.let_go()
             task._done_event.set()
             self._emit("done", task, None)
 
@@ -242,6 +259,8 @@ class Scheduler:
                 self._running.remove(task)
             self._gauges()
         _close_job(task)  # nothing of it stays open
+        if isinstance(task, ImageTask):
+            task.let_go()
         task._done_event.set()
         self._emit("done", task, None)
 
@@ -324,7 +343,8 @@ class Scheduler:
                 self._emit("progress", task, None)
         partial = [
             t for t in group
-            if stage == "unet" and t.job.error is None and call in t.partial_steps()
+            if stage == "unet" and not t.done and t.job.error is None
+            and call in t.partial_steps()
         ]  # fmt: skip
         if partial:  # previews: the current latents through the VAE, for those that asked
             jobs = [t.job for t in partial]

@@ -50,6 +50,7 @@ def _folder_limits(config: ServerConfig) -> dict:
     try:
         folder = EngineFolder(config.engines)
         return {
+            "model": config.model_name or f"blip3o-{folder.variant}-{folder.precision}",
             "image_size": folder.image_size,
             "max_images": folder.batch_range()[1],
             "presets": tuple((folder.sampler.get("presets") or {}).keys()),
@@ -77,7 +78,8 @@ class State:
         self.latency_ema = 1.0
         limits = _folder_limits(config)
         self.image_model = image_request_model(**limits, max_steps=config.max_steps)
-        self.chat_model = chat_request_model()
+        self.job_model = image_request_model(**limits, max_steps=config.max_steps, job=True)
+        self.chat_model = chat_request_model(limits.get("model"))
 
     def start(self) -> None:
         """Open the folder, start the scheduler, warm up (on a thread: `live` answers
