@@ -46,6 +46,7 @@ _SOURCE_DIRS = {
     "export": (
         *_MODEL_SOURCES,
         "export/export_stages.py",
+        "export/io_cast.py",
         "export/onnx_export.py",
         "export/wrappers",
         "runtime/folder/spec.py",

@@ -40,7 +40,7 @@ from export.trt_plan import BATCH_DIMS, pin_batch
 from runtime.folder.graphs import GRAPHS, RUNTIME_GRAPHS, graph_specs
 from runtime.folder.manifest import FORMAT_VERSION, EngineFolderError, load_manifest
 from runtime.folder.schema import DECODER_NEGATIVES, SCHEMAS
-from runtime.folder.spec import PRECISIONS
+from runtime.folder.spec import PRECISIONS, io_dtype
 from runtime.machine.compat import INSTALL_ORT
 from runtime.machine.hardware import PLANNING_SM, auto_precision, resolve_precision
 from training.config import (
@@ -275,10 +275,22 @@ def _run_stages(engine: BuildFolder, factory, names: list[str], request: BuildRe
         for stage in factory.graph_stages(name, engine):
             _run_stage(engine, stage)
             bar.update(1)
+        # every graph we write is one TensorRT's parser takes: checked before any engine stage
+        from export import trt_lint  # imports onnx
+
+        trt_lint.check(factory.onnx_path(name, engine), name=name, spec=factory.specs[name],
+                       precision=precision)  # fmt: skip
+        if request.backend != "tensorrt":
+            manifest["graphs"][name] = factory.graph_entry(name, engine)
+            engine.save()
+    source.release()
+    for name in names if request.backend == "tensorrt" else ():
+        bar.set_description(name)
+        _run_stage(engine, factory.engine_stage(name, engine))
+        bar.update(1)
         manifest["graphs"][name] = factory.graph_entry(name, engine)
         engine.save()
     bar.close()
-    source.release()
     manifest["host"] = host_entries(engine.manifest)
     engine.save()
 
@@ -354,6 +366,7 @@ def _print_plan(engine, factory, names, folder, source) -> None:
         precision=factory.precision,
         graph_components=GRAPH_COMPONENT,
         calibration=calibration,
+        graph_precisions={n: factory.graph_precision(n) for n in names},
     )
     *rows, total = resources.format_costs(costs)
     status = dict(_statuses(engine, factory, names))
@@ -363,6 +376,9 @@ def _print_plan(engine, factory, names, folder, source) -> None:
         print(f"  {name:<24} {status[name]:<22} {row}")
     if calibration is not None:
         print(f"  {calibration.describe()}")
+    io = io_dtype(factory.precision)
+    shown = ", ".join(f"{n} {p}" for n, p in factory.graph_precisions(names).items())
+    print(f"  graphs compute in: {shown} (float I/O: {io})")
     if source.checkpoint is None:
         whole = sum(params.components[c] for c in ("vision", "text", "dit", "unet", "vae"))
         print(

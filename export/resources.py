@@ -162,9 +162,13 @@ def stage_costs(
     precision: str,
     graph_components: dict[str, str],
     calibration: CalibrationCost | None = None,
+    graph_precisions: dict[str, str] | None = None,
 ) -> list[StageCost]:
-    """Estimated peak resident memory and bytes added to the folder, per stage."""
-    onnx, host = onnx_precision(precision), host_precision(precision)
+    """Estimated peak resident memory and bytes added to the folder, per stage.
+    `graph_precisions`: the precision each graph is exported in, where it is not the folder's
+    ONNX precision (the 16-bit text graphs of an INT8/FP8 TensorRT folder)."""
+    folder_onnx, host = onnx_precision(precision), host_precision(precision)
+    graph_precisions = graph_precisions or {}
     quantized = {n.partition(":")[2] for n in stage_names if n.startswith("quantize:")}
     out, calibrated = [], False
     for name in stage_names:
@@ -172,10 +176,13 @@ def stage_costs(
         if kind == "assets":
             size = params.host * BYTES[host]
             out.append(StageCost(name, f"host {host}", BASE_BYTES + size, size))
-        elif kind == "negative":  # the text decoder, then the DiT (blank_prompt)
-            loaded = max(params.components[c] for c in ("lm", "dit")) * BYTES[onnx]
-            out.append(StageCost(name, f"lm, dit {onnx}", BASE_BYTES + loaded, 0))
-        elif kind == "export":
+            continue
+        if kind == "negative":  # the text decoder, then the DiT (blank_prompt)
+            loaded = max(params.components[c] for c in ("lm", "dit")) * BYTES[folder_onnx]
+            out.append(StageCost(name, f"lm, dit {folder_onnx}", BASE_BYTES + loaded, 0))
+            continue
+        onnx = graph_precisions.get(graph, folder_onnx)
+        if kind == "export":
             comp = graph_components[graph]
             loaded = params.components[comp] * BYTES[onnx]
             size = params.graphs[graph] * BYTES[onnx]

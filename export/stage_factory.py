@@ -3,7 +3,8 @@
 `assets` (host files) and `negative` (the decoder's CFG negative features) first
 (`export.host_stages`); per graph: `export:<graph>` always (`export.export_stages`);
 `quantize:<graph>` for INT8/FP8 folders and quantizable graphs (`export.quantize_stages`);
-`engine:<graph>` with the TensorRT backend (`export.engine_stages`). A later stage's key includes
+`engine:<graph>` with the TensorRT backend (`export.engine_stages`), once every graph's ONNX
+passed the TensorRT lint (`export.trt_lint`, run by the build plan). A later stage's key includes
 the sha256 of the file the earlier stage produced, so it is computed only once that stage has run.
 """
 
@@ -13,7 +14,7 @@ from export.build_folder import BuildFolder, Stage
 from export.engine_stages import engine_stage
 from export.export_stages import export_stage
 from export.host_stages import assets_stage, negative_stage
-from export.precision import QUANTIZED, onnx_precision
+from export.precision import QUANTIZED, onnx_precision, tensorrt_16bit
 from export.quantize_stages import Calibration, quantize_stage
 from runtime.folder.spec import spec_to_dict
 
@@ -34,14 +35,27 @@ class StageFactory:
 
         return name in QUANTIZABLE
 
+    def graph_precision(self, name: str) -> str:
+        """The precision graph `name` is exported and computes in: the folder's for fp32/16-bit
+        folders; in INT8/FP8 folders fp32 for the quantized graphs (their Q/DQ source), and for
+        the others (text, vision) 16-bit behind float32 I/O with TensorRT (`tensorrt_16bit`:
+        half the weight memory of fp32), fp32 with ONNX Runtime."""
+        if self.precision in QUANTIZED and not self.quantized(name):
+            if self.request.backend == "tensorrt":
+                return tensorrt_16bit(self.sm)
+        return onnx_precision(self.precision)
+
+    def graph_precisions(self, names) -> dict[str, str]:
+        return {n: self.precision if self.quantized(n) else self.graph_precision(n) for n in names}
+
     def stage_names(self, names) -> list[str]:
         out = ["assets", "negative"]
         for n in names:
             out.append(f"export:{n}")
             if self.quantized(n):
                 out.append(f"quantize:{n}")
-            if self.request.backend == "tensorrt":
-                out.append(f"engine:{n}")
+        if self.request.backend == "tensorrt":  # after every ONNX passed the lint
+            out += [f"engine:{n}" for n in names]
         return out
 
     def preview(self, names, engine: BuildFolder):
@@ -66,15 +80,21 @@ class StageFactory:
         )
 
     def export(self, name: str) -> Stage:
-        return export_stage(name, self.specs[name], self.source, self.precision, self.versions)
+        return export_stage(
+            name, self.specs[name], self.source, self.precision, self.versions,
+            onnx=self.graph_precision(name),
+        )  # fmt: skip
 
     def graph_stages(self, name: str, engine: BuildFolder):
-        """Yield the stages of one graph in order (run each before asking for the next)."""
+        """Yield the stages that make one graph's ONNX, in order (run each before asking for
+        the next); its engine stage is `engine_stage`, after every graph passed the lint."""
         yield self.export(name)
         if self.quantized(name):
             yield self.quantize(name, engine)
-        if self.request.backend == "tensorrt":
-            yield self.engine_stage(name, engine)
+
+    def onnx_path(self, name: str, engine: BuildFolder):
+        """The graph's final ONNX in the folder (the export's, or the Q/DQ graph)."""
+        return engine.folder / self._onnx_stage(name, engine)["onnx"]
 
     def calibration_prompts(self) -> tuple[list[str], list[str]]:
         """(calibration prompts, held-out prompts), bounded by the request's count."""
@@ -113,7 +133,7 @@ class StageFactory:
         entry = {
             **main,
             "external_data": [files[f] for f in sorted(files)],
-            "precision": self.precision if self.quantized(name) else onnx_precision(self.precision),
+            "precision": self.graph_precisions([name])[name],
             "spec": spec_to_dict(self.specs[name]),
         }
         if "quantization" in record:

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
+from export.errors import BuildError  # noqa: E402
 from export.trt_onnx_ops import OPSET_RANGE, SUPPORTED  # noqa: E402
 from runtime.folder.spec import GraphSpec, numpy_dtype  # noqa: E402
 
@@ -82,8 +83,9 @@ class Finding:
         return f"{self.graph}: {self.node}: {self.rule}: {self.message}"
 
 
-class TrtLintError(ValueError):
-    """A graph TensorRT's parser would refuse: the first finding, and how many more."""
+class TrtLintError(BuildError):
+    """A graph TensorRT's parser would refuse: the first finding, and how many more (a user
+    error of the build: one line, exit status 2)."""
 
 
 def lint(
@@ -217,9 +219,8 @@ def lint_folder(folder: Path, graphs: list[str] | None = None) -> list[Finding]:
     manifest = load_manifest(folder)
     found = []
     for name in graphs or list(manifest["graphs"]):
-        entry = manifest["graphs"][name]
-        precision = entry.get("precision") or manifest["precision"]
-        spec = graph_spec(manifest, name)
+        entry, spec = manifest["graphs"][name], graph_spec(manifest, name)
+        precision = manifest["precision"]  # the folder's I/O, whatever a graph computes in
         found += lint(folder / entry["file"], name=name, spec=spec, precision=precision)
     return found
 
