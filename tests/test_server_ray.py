@@ -98,8 +98,26 @@ def replica_actors() -> list[str]:
 
 
 def running_replicas() -> int:
-    status = serve.status().applications["blip3o"].deployments["Replica"]
+    try:
+        status = serve.status().applications["blip3o"].deployments["Replica"]
+    except (ray.exceptions.RayError, KeyError):  # the controller is busy replacing one
+        return 0
     return status.replica_states.get("RUNNING", 0)
+
+
+def kill_one(rng: random.Random) -> str:
+    """Kill one live replica actor (a name still listed for a dead one is skipped)."""
+    for _ in range(50):
+        names = replica_actors()
+        if names:
+            victim = rng.choice(names)
+            try:
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+                return victim
+            except (ValueError, ray.exceptions.RayError):
+                pass  # gone already
+        time.sleep(0.2)
+    raise AssertionError("no replica to kill")
 
 
 def read_stream(url: str, body: dict) -> tuple[str, list[str]]:
@@ -134,8 +152,9 @@ def test_replicas_killed_at_random_points_lose_no_request(cluster_url, tiny_engi
     def streamer(seed):
         outcomes = []
         for _ in range(4):  # the client acts on replica_lost: it retries
-            outcome, _ = read_stream(cluster_url, {**body, "seed": seed, "stream": True,
-                                                    "partial_images": 2})  # fmt: skip
+            # long streams (200 decoder steps, 3 previews): a kill often lands mid-stream
+            slow = {**body, "decoder_num_inference_steps": 200, "partial_images": 3}
+            outcome, _ = read_stream(cluster_url, {**slow, "seed": seed, "stream": True})
             outcomes.append(outcome)
             if outcome != "replica_lost":
                 break
@@ -150,15 +169,16 @@ def test_replicas_killed_at_random_points_lose_no_request(cluster_url, tiny_engi
     kills = []
     for _ in range(2):
         time.sleep(rng.uniform(0.0, 1.5))  # a random point of the requests under way
-        names = replica_actors()
-        assert names, "no replica to kill"
-        victim = rng.choice(names)
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        victim = kill_one(rng)
         kills.append((victim, len(results)))
+        noticed = time.monotonic() + 15
+        while victim in replica_actors() and time.monotonic() < noticed:
+            time.sleep(0.2)
         while running_replicas() < 2 and time.monotonic() < deadline:  # Serve replaces it
             time.sleep(0.2)
     for t in threads + stream_threads:
         t.join()
+    print(f"kills (replica, answered before): {kills}; stream outcomes: {streams}")
     assert kills[0][1] < len(seeds), "the load finished before the first kill"
     lost = {s: r for s, r in results.items() if r[0] != 200}
     assert not lost, lost
