@@ -10,7 +10,8 @@ real bindings in a subprocess:
 - ("property", owner, name): a property read;
 - ("enum", enum class, member, value): an enum member read;
 - ("const", module, name, value): a plain constant (`cudaStreamNonBlocking`);
-- ("type", module, name): a class constructed or used as a type (`cudaStream_t`).
+- ("type", module, name): a class constructed or used as a type (`cudaStream_t`);
+- ("attr", class, name): a class attribute read (`Logger.WARNING`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Recorder:
             self.records.add(("enum", type(value).__name__, value.name, int(value)))
             if scope in ("cuda", "trt") and attr != value.name:  # trt.float32 = DataType.FLOAT
                 self.records.add(("alias", scope, attr, f"{type(value).__name__}.{value.name}"))
+            elif scope not in ("cuda", "trt"):  # Logger.WARNING: a class attribute
+                self.records.add(("attr", scope, attr))
             return value
         if inspect.isclass(value):
             if issubclass(value, enum.Enum):

@@ -161,6 +161,7 @@ def test_recording_covers_the_session_and_the_builder(records):
     ]:  # fmt: skip
         assert call in calls, call
     assert ("enum", "BuilderFlag", "TF32", int(simtrt.BuilderFlag.TF32)) in records
+    assert ("attr", "Logger", "WARNING") in records
 
 
 @pytest.mark.parametrize("suite", list(SUITES))
@@ -184,6 +185,7 @@ def test_the_probe_catches_what_the_real_api_lacks(records):
         ("enum", "DataType", "BFLOAT16", 7),
         ("enum", "TensorIOMode", "OUTPUT", 3),
         ("property", "ICudaEngine", "device_memory_size_v3"),
+        ("attr", "Logger", "WARN"),
         ("call", "cuda", "cudaMalloc", ("int", "int"), (), f"tuple:{OK},int"),
         ("call", "cuda", "cudaFree", ("int",), (), f"tuple:{OK},int"),
         ("call", "IBuilderConfig", "clear_flags", ("enum:BuilderFlag.TF32",), (), "None"),

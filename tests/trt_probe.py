@@ -132,6 +132,10 @@ def check_trt(trt, records, problems) -> int:
         elif what == "enum" and _enum(trt, owner) is not None:
             checked += 1
             _enum_value(trt, owner, rec[2], rec[3], f"trt {trt.__version__}", problems)
+        elif what == "attr" and hasattr(trt, owner):
+            checked += 1
+            if not hasattr(getattr(trt, owner), rec[2]):
+                problems.append(f"trt {trt.__version__}: {owner}.{rec[2]} does not exist")
         elif what == "alias" and owner == "trt":
             checked += 1
             cls, member = rec[3].split(".")
@@ -177,7 +181,7 @@ def check_builder(strings: set[str], records, lean, label, problems) -> int:
             continue
         if what == "call" and owner in ("trt",):
             continue
-        if what in ("call", "property", "enum"):
+        if what in ("call", "property", "enum", "attr"):
             checked += 1
             need(owner, "class")
             if rec[2] != "__init__":
