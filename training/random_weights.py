@@ -17,6 +17,15 @@ from training.tokenizer import build_tiny_tokenizer
 
 
 def random_pipeline(cfg: ModelConfig, seed: int) -> ReferencePipeline:
-    """Seeded random weights (labelled as such in the manifest). Seeds torch's global RNG."""
+    """Seeded random weights (labelled as such in the manifest). Seeds torch's global RNG.
+
+    The tokenizer is the tiny one; at 4b/8b shapes it is re-laid at Qwen2.5's ids
+    (`qwen_shaped_tokenizer`), so the config's special-token ids (`[IMG]` 151665, ...) exist in
+    it, as they do in the published checkpoint's."""
     torch.manual_seed(seed)
-    return ReferencePipeline(BLIP3o(cfg), Decoder(cfg.decoder), build_tiny_tokenizer())
+    tokenizer = build_tiny_tokenizer()
+    if cfg.backbone.img_token_id >= tokenizer.get_vocab_size(with_added_tokens=True):
+        from training.published import qwen_shaped_tokenizer
+
+        tokenizer = qwen_shaped_tokenizer(tokenizer)
+    return ReferencePipeline(BLIP3o(cfg), Decoder(cfg.decoder), tokenizer)
