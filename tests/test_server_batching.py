@@ -57,13 +57,16 @@ def test_batched_images_equal_each_request_alone(gen):
             task(gen, "a blue square", 2),
             task(gen, "a green triangle", 3, n=2),
         ]
+        jobs = [t.job for t in tasks]  # a finished task lets its job go
         run_all(scheduler, tasks)
+        assert all(t.job is None for t in tasks)
         assert scheduler.calls["dit"] == STEPS and scheduler.calls["unet"] == DECODER_STEPS
         assert scheduler.calls["vae_decoder"] == 1 and scheduler.calls["prefill"] == 3
-        for t in tasks:
-            p = t.job.params
+        for t, job in zip(tasks, jobs):
+            p = job.params
+            assert t.seed == p.seed
             alone = gen.generate(
-                t.job.prompt,
+                job.prompt,
                 seed=p.seed,
                 steps=STEPS,
                 decoder_steps=DECODER_STEPS,

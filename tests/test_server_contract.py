@@ -159,7 +159,8 @@ def test_schemathesis_finds_nothing(tiny_engine_dir, tmp_path):
         cmd += ["--report", "junit", "--report-dir", str(tmp_path)]
         env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-        tail = "\n".join(res.stdout.splitlines()[-40:])
+        failures = [p.read_text()[-3000:] for p in tmp_path.glob("junit*.xml")]
+        tail = "\n".join(res.stdout.splitlines()[-40:]) + "\n".join(failures)
         assert res.returncode == 0, tail
         assert " passed" in res.stdout and "failure" not in res.stdout.split("SUMMARY")[-1], tail
         # the server is healthy after, nothing running or queued, no job left open

@@ -231,11 +231,18 @@ def test_the_job_content_and_the_stream_carry_the_seed(url):
 
 
 def test_max_steps_bounds_requests(tiny_engine_dir):
+    """`max_steps` refuses a request that asks for more, and caps the folder's defaults."""
     config = ServerConfig(engines=tiny_engine_dir, threads=1, max_steps=3, warmup=False)
     with local_server(config) as base:
-        r = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x"}, timeout=60)
+        r = httpx.post(f"{base}/v1/images/jobs", json={"prompt": "x", "preset": "fast"}, timeout=60)
+        assert r.status_code == 202 and r.json()["steps_total"] == 1 + 3 + 3 + 1, r.text
+        r = httpx.post(
+            f"{base}/v1/images/generations",
+            json={"prompt": "x", "num_inference_steps": 4},
+            timeout=60,
+        )
         message = assert_openai_error(r, 400, "num_inference_steps")["message"]
-        assert "[1, 3] on this server, got 30 (the folder's default" in message
+        assert "[1, 3] on this server, got 4" in message
         r = httpx.post(
             f"{base}/v1/images/generations",
             json={"prompt": "x", "num_inference_steps": 2, "decoder_num_inference_steps": 4},

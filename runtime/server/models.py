@@ -40,7 +40,7 @@ from runtime.server.errors import ApiError
 
 MAX_DEPTH = 32  # JSON nesting: the deepest request (a chat part's image_url) is 6
 MAX_PARTIAL_IMAGES = 3
-PROMPT = r"^[^\u0000]*\S[^\u0000]*$"  # what runtime.validate.text takes (Unicode, too)
+PROMPT = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"  # what runtime.validate.text takes (Unicode, too)
 
 # API field -> params field, for the API names that differ (OpenAI's / vLLM-omni's); the other
 # params fields keep their names in the API.
