@@ -6,6 +6,10 @@ runtime, for several engine folders side by side (e.g. fp32 vs INT8/FP8 Q/DQ).
 `--prompt TEXT` (default: the README's example) is also judged on its own, seeds 0-3, as the
 mini-GenEval task its caption form belongs to (a relation caption: position).
 
+Every image is judged twice: by GenEval's rules (`geneval`: an extra object passes) and strictly
+(`strict`: exactly the asked objects and nothing else, as a person judges a picture;
+`training.eval.geneval.check_strict`). The README quotes both.
+
 The judge is the shapes-world evaluator of `training/eval` (numpy only); generation and answers
 come from `runtime.Generator`, so this measures the engines users ship. Every folder runs the
 same prompts, seeds, questions and `--threads` (default 1, recorded). Prints a table with each
@@ -26,7 +30,14 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks import common  # noqa: E402
 from runtime.generator import Generator  # noqa: E402
 from training.data.shapes import parse_caption  # noqa: E402
-from training.eval.geneval import TASKS, check, evaluate, make_prompts  # noqa: E402
+from training.eval.geneval import (  # noqa: E402
+    JUDGES,
+    TASKS,
+    Record,
+    evaluate,
+    make_prompts,
+    score,
+)
 from training.eval.understanding import exact_match, make_questions  # noqa: E402
 
 README_PROMPT = "a red circle to the left of a blue square"
@@ -54,13 +65,20 @@ def measure(
         understanding = exact_match(
             lambda image, q: gen.answer(image, q, max_new_tokens=24), make_questions(0, questions)
         )
-        passed = [check(task, spec, gen.generate(prompt, seed=s)[0]) for s in PROMPT_SEEDS]
-    result.pop("records")
+        images = [gen.generate(prompt, seed=s)[0] for s in PROMPT_SEEDS]
+    records = result.pop("records")
+    strict = score(  # the same images, judged strictly
+        Record(r.task, r.prompt, r.seed, JUDGES["strict"](r.task, parse_caption(r.prompt), r.image),
+               r.image)
+        for r in records
+    )  # fmt: skip
+    passed = {name: [judge(task, spec, im) for im in images] for name, judge in JUDGES.items()}
     return {
         "engines": str(folder),
         "precision": gen.precision,
         "threads": threads,
         "geneval": result,
+        "strict": strict,
         "understanding": understanding,
         "prompt": {"text": prompt, "task": task, "seeds": list(PROMPT_SEEDS), "passed": passed},
         "seconds": time.perf_counter() - start,
@@ -70,16 +88,17 @@ def measure(
 def table(rows: list[dict]) -> str:
     head = f"{'engines':<28}" + "".join(f"{t[:9]:>10}" for t in TASKS) + f"{'overall':>9}"
     lines = [head + f"{'delta':>8}{'answer':>8}{'prompt':>8}"]
-    base = rows[0]["geneval"]["overall"]
+    base = {judge: rows[0][judge]["overall"] for judge in JUDGES}
     for r in rows:
-        g = r["geneval"]
-        lines.append(
-            f"{Path(r['engines']).name:<28}"
-            + "".join(f"{g[t]:>10.3f}" for t in TASKS)
-            + f"{g['overall']:>9.3f}{g['overall'] - base:>+8.3f}"
-            + f"{r['understanding']['accuracy']:>8.3f}"
-            + f"{sum(r['prompt']['passed']):>6d}/{len(r['prompt']['passed'])}"
-        )
+        for judge in JUDGES:
+            g, passed = r[judge], r["prompt"]["passed"][judge]
+            lines.append(
+                f"{Path(r['engines']).name + ' (' + judge + ')':<28}"
+                + "".join(f"{g[t]:>10.3f}" for t in TASKS)
+                + f"{g['overall']:>9.3f}{g['overall'] - base[judge]:>+8.3f}"
+                + f"{r['understanding']['accuracy']:>8.3f}"
+                + f"{sum(passed):>6d}/{len(passed)}"
+            )
     lines.append(f"prompt: {rows[0]['prompt']['text']!r} judged as {rows[0]['prompt']['task']}, "
                  f"seeds {rows[0]['prompt']['seeds']}")  # fmt: skip
     return "\n".join(lines)

@@ -453,8 +453,12 @@ def test_quality_through_the_runtime(tiny_engine_dir, tmp_path, capsys):
     assert quality.main([*args, "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert 0 <= row["geneval"]["overall"] <= 1 and row["understanding"]["n"] == 3
-    assert row["prompt"]["task"] == "position" and len(row["prompt"]["passed"]) == 4
-    assert "overall" in capsys.readouterr().out
+    assert row["prompt"]["task"] == "position"
+    assert [len(row["prompt"]["passed"][j]) for j in ("geneval", "strict")] == [4, 4]
+    # strict is never kinder than GenEval's rules, on the same images
+    assert row["strict"]["overall"] <= row["geneval"]["overall"]
+    assert sum(row["prompt"]["passed"]["strict"]) <= sum(row["prompt"]["passed"]["geneval"])
+    assert "(strict)" in capsys.readouterr().out
     assert quality.main(["--engines", str(tmp_path / "none")]) == 2
     assert quality.main(["--engines", str(tiny_engine_dir), "--prompt", "a red blob"]) == 2
     assert quality.prompt_task("two red squares")[0] == "counting"
@@ -474,3 +478,17 @@ def test_the_shipped_fast_preset_is_the_recorded_frontier_pick():
                                "decoder_steps": 50}  # fmt: skip
     assert row["dit_forwards"] <= 30 and row["unet_forwards"] <= 40
     assert row["geneval"]["overall"] >= base["geneval"]["overall"] - result["tolerance"]
+
+
+def test_examples_judges_each_prompt_and_seed(tiny_engine_dir, tmp_path, capsys):
+    from benchmarks import examples
+
+    argv = ["--engines", str(tiny_engine_dir), "--seeds", "2", "--prompt", "a red circle"]
+    assert examples.main([*argv, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "examples.json").read_text())
+    (row,) = result["prompts"]
+    assert row["task"] == "colors" and set(row["seeds"]) == {"0", "1"}
+    assert all(set(v) == {"geneval", "strict"} for v in row["seeds"].values())
+    assert (tmp_path / "examples.png").is_file() and "strict" in capsys.readouterr().out
+    assert examples.main(["--engines", str(tmp_path / "none")]) == 2
+    assert examples.main(["--engines", str(tiny_engine_dir), "--prompt", "a red blob"]) == 2

@@ -118,6 +118,34 @@ def test_check_rules_on_hand_built_images():
         check("spelling", spec("a circle"), two)
 
 
+def test_the_strict_judge_fails_extra_and_miscolored_objects():
+    """GenEval's rules pass an image with extra objects; a person (and `check_strict`) does not."""
+    from training.eval.geneval import check_strict
+
+    def spec(text):
+        return parse_caption(text)
+
+    red_circle = ShapeObject("red", "circle", 5, 5, 14)
+    blue_square = ShapeObject("blue", "square", 30, 30, 14)
+    extra = ShapeObject("green", "triangle", 5, 40, 14)
+    two, three = render([red_circle, blue_square]), render([red_circle, blue_square, extra])
+    for task, text in (
+        ("two_object", "a green circle and a green square"),
+        ("color_attr", "a red circle and a blue square"),
+        ("position", "a red circle to the left of a blue square"),
+    ):
+        assert check(task, spec(text), three) and not check_strict(task, spec(text), three)
+        assert check_strict(task, spec(text), two)
+    squares = [ShapeObject("blue", "square", x, 30, 12) for x in (2, 20)]
+    assert check_strict("counting", spec("two blue squares"), render(squares))
+    miscolored = [*squares[:1], ShapeObject("red", "square", 20, 30, 12)]
+    assert check("counting", spec("two blue squares"), render(miscolored))  # GenEval: no color
+    assert not check_strict("counting", spec("two blue squares"), render(miscolored))
+    assert not check_strict("counting", spec("two blue squares"), render([*squares, extra]))
+    one = render([red_circle])
+    assert not check_strict("two_object", spec("a green circle and a red square"), one)
+
+
 @pytest.mark.parametrize("dx, passes", [(3, True), (2, False), (-3, False)])
 def test_position_offset_threshold(dx, passes):
     a = ShapeObject("red", "square", 10, 5, 12)

@@ -1,9 +1,9 @@
 """Which precision a GPU runs and which one `--precision auto` picks: plain data, one place.
 
-The exporter (`export.build_plan`, `export.trt_plan`) and `python -m runtime doctor` both decide from
-these functions, so what doctor says the exporter will pick is what it picks. Nothing here probes
-the machine (`runtime.machine.probe` does) or imports a backend: every decision is a function of a
-backend name and a compute capability, unit-tested without a GPU.
+The exporter (`export.build_plan`, `export.trt_plan`) and `python -m runtime doctor` both decide
+from these functions, so what doctor says the exporter will pick is what it picks. Nothing here
+probes the machine (`runtime.machine.probe` does) or imports a backend: every decision is a
+function of a backend name and a compute capability, unit-tested without a GPU.
 
 - `auto` on TensorRT picks FP8 on SM >= 8.9, INT8 on Jetson Orin (SM 8.7, Ampere: no FP8, and
   memory bandwidth is what limits a board) and FP16 elsewhere.

@@ -173,6 +173,36 @@ def check(task: str, spec: dict, image) -> bool:
     )
 
 
+def check_strict(task: str, spec: dict, image) -> bool:
+    """Judged as a person would: `check`, and the image holds exactly the asked objects and
+    nothing else (an extra object, or one of the wrong color where the prompt names one, fails).
+
+    single_object / colors: as `check` (already exactly one object). two_object: exactly two
+    objects, the two asked shapes. color_attr and position: exactly two objects, (c1, s1) and
+    (c2, s2) (position: in the named relation). counting: exactly N objects, all of the shape
+    and of the color when the prompt names one."""
+    if not check(task, spec, image):
+        return False
+    found = detect(_as_image(image))
+    objects = spec["objects"]
+    if task in ("single_object", "colors"):
+        return True
+    if task == "counting":
+        (color, shape), n = objects[0], spec["count"]
+        return len(found) == n and all(
+            d.shape == shape and (color is None or d.color == color) for d in found
+        )
+    if len(found) != 2:
+        return False
+    if task == "two_object":
+        return sorted(d.shape for d in found) == sorted(s for _, s in objects)
+    wanted = sorted((c, s) for c, s in objects)
+    return sorted((d.color, d.shape) for d in found) == wanted
+
+
+JUDGES = {"geneval": check, "strict": check_strict}
+
+
 def score(records: Iterable[Record]) -> dict[str, float]:
     """Per-task pass fraction and `overall`, the mean of the six task scores."""
     passed: dict[str, list[bool]] = {task: [] for task in TASKS}
@@ -190,13 +220,18 @@ def evaluate(
     generate_fn: Callable[[str, int], object],
     prompts: Sequence[Prompt],
     seeds: Sequence[int] = EVAL_SEEDS,
+    *,
+    judge: str = "geneval",
 ) -> dict:
     """Generate and judge every (prompt, seed); returns `score`'s dict plus "records".
+    `judge`: "geneval" (GenEval's rules: extra objects pass) or "strict" (`check_strict`).
 
     `generate_fn(prompt, seed)` returns an (H, W, 3) uint8 array or a PIL image and must be
     deterministic in (prompt, seed): a prompt repeated (within or across tasks) reuses its first
     image for that seed.
     """
+    if judge not in JUDGES:
+        raise ValueError(f"judge must be one of {', '.join(JUDGES)}, got {judge!r}")
     images: dict[tuple[str, int], np.ndarray] = {}
     judged: dict[tuple[str, str, int], Record] = {}
     records = []
@@ -207,7 +242,7 @@ def evaluate(
             key = (prompt.task, prompt.prompt, seed)
             if key not in judged:
                 image = images[prompt.prompt, seed]
-                passed = check(prompt.task, prompt.spec, image)
+                passed = JUDGES[judge](prompt.task, prompt.spec, image)
                 judged[key] = Record(prompt.task, prompt.prompt, seed, passed, image)
             records.append(judged[key])
     result: dict = score(records)
