@@ -158,7 +158,9 @@ def test_schemathesis_finds_nothing(tiny_engine_dir, tmp_path):
         cmd += ["--phases", "examples,coverage,fuzzing,stateful", "--no-color"]
         cmd += ["--report", "junit", "--report-dir", str(tmp_path)]
         env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+        res = subprocess.run(  # in tmp_path: schemathesis keeps its cache in the cwd
+            cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+        )
         failures = [p.read_text()[-3000:] for p in tmp_path.glob("junit*.xml")]
         tail = "\n".join(res.stdout.splitlines()[-40:]) + "\n".join(failures)
         assert res.returncode == 0, tail
