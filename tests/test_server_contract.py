@@ -154,7 +154,7 @@ def test_schemathesis_finds_nothing(tiny_engine_dir, tmp_path):
     with local_server(config, state=state) as url:
         cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(TOML), "run"]
         cmd += [f"{url}/openapi.json", "--checks", "all", "--seed", "1", "--workers", "1"]
-        cmd += ["--max-examples", "25", "--max-time", "45", "--request-timeout", "60"]
+        cmd += ["--max-examples", "25", "--max-time", "35", "--request-timeout", "60"]
         cmd += ["--phases", "examples,coverage,fuzzing,stateful", "--no-color"]
         cmd += ["--report", "junit", "--report-dir", str(tmp_path)]
         env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
