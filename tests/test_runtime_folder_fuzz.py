@@ -165,13 +165,6 @@ def arrays(draw, original: np.ndarray):
     return bytes(raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/folder/engine_folder.py (not this change's file) lets through host arrays "
-    "whose header numpy cannot parse (SyntaxError, tokenize.TokenError escape load_array) and "
-    "arrays whose shapes disagree with the graphs (latent queries (1, 0, H), a width the "
-    "graphs do not take: ValueError from the feed checks); the fix is in the report",
-)
 @FUZZ
 @given(data=st.data(), key=st.sampled_from(sorted(ARRAYS)))
 def test_fuzz_the_host_arrays(folder, pristine, data, key):

@@ -129,7 +129,7 @@ class EngineFolder:
         path = file_path(self.path, entry)
         try:
             array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
+        except Exception as err:  # numpy's header parser raises SyntaxError, TokenError, ...
             raise EngineFolderError(f"{path} is not a numpy array file ({err}); rebuild") from err
         if array.ndim != ndim or array.dtype.kind != "f":
             raise EngineFolderError(
@@ -167,14 +167,18 @@ class EngineFolder:
         return negative.astype(np.float32)
 
     def check_assets(self, vocab: int) -> None:
-        """The token embeddings cover the tokenizer and agree with the latent queries' width."""
+        """The token embeddings cover the tokenizer and have the width the text graphs take; the
+        latent queries have the shape the prefill and the DiT's condition take."""
+        width = self.spec("prefill").tensor("inputs_embeds").shape[-1]
+        queries = (1, *self.spec("dit_step").tensor("cond").shape[1:])  # (1, 64, H)
+        if self.embeddings.shape[1] != width or self.latent_queries.shape != queries:
+            raise EngineFolderError(
+                f"{self.path}: token embeddings {self.embeddings.shape} and latent queries "
+                f"{self.latent_queries.shape} do not fit the graphs (width {width}, queries "
+                f"{queries}); rebuild the folder"
+            )
         if self.embeddings.shape[0] < vocab:
             raise EngineFolderError(
                 f"{self.path}: {self.embeddings.shape[0]} token embeddings for a tokenizer of "
                 f"{vocab} tokens; rebuild the folder"
-            )
-        if self.embeddings.shape[1] != self.latent_queries.shape[2]:
-            raise EngineFolderError(
-                f"{self.path}: token embeddings {self.embeddings.shape} and latent queries "
-                f"{self.latent_queries.shape} disagree on the width; rebuild the folder"
             )
