@@ -5,6 +5,7 @@ runtime's own image. Triton itself is not run here."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -18,6 +19,7 @@ text_format = pytest.importorskip("google.protobuf.text_format")
 
 from runtime.folder.manifest import graph_spec, read_manifest  # noqa: E402
 from runtime.folder.spec import numpy_dtype  # noqa: E402
+from runtime.params import GeneratorParams, field_info  # noqa: E402
 from runtime.server.triton import GENERATION_GRAPHS, ORCHESTRATOR, write_repository  # noqa: E402
 
 TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
@@ -48,14 +50,18 @@ def test_every_config_parses_and_matches_the_manifest(repo, tiny_engine_dir):
                 assert list(g.dims) == [d if isinstance(d, int) else -1 for d in w.shape]
                 dtype = str(numpy_dtype(w.dtype, manifest["precision"]))
                 assert model_config_pb2.DataType.Name(g.data_type) == TYPES[dtype]
-        model = repo / name / "1" / "model.onnx"
-        assert (
-            model.resolve().read_bytes()[:2]
-            and model.resolve().name == (manifest["graphs"][name]["file"])
-        )
+        model = repo / name / "1" / "model.onnx"  # the folder's graph itself, byte for byte
+        entry = manifest["graphs"][name]
+        assert model.resolve() == (tiny_engine_dir / entry["file"]).resolve()
+        assert hashlib.sha256(model.read_bytes()).hexdigest() == entry["sha256"]
     orchestrator = parse(repo / ORCHESTRATOR / "config.pbtxt")
     assert orchestrator.backend == "python"
-    assert [t.name for t in orchestrator.input][-1] == "PROMPT"
+    # PROMPT, and one optional input per GeneratorParams field, typed by the field
+    kinds = {int: "TYPE_INT64", float: "TYPE_FP32", str: "TYPE_STRING"}
+    want = [(n.upper(), kinds[i["kind"]]) for n, i in field_info(GeneratorParams).items()]
+    got = [(t.name, model_config_pb2.DataType.Name(t.data_type)) for t in orchestrator.input]
+    assert got == [*want, ("PROMPT", "TYPE_STRING")]
+    assert all(t.optional for t in orchestrator.input[:-1])
     assert orchestrator.parameters["ENGINES"].string_value == str(tiny_engine_dir.resolve())
     assert (repo / ORCHESTRATOR / "1" / "model.py").is_file()
 

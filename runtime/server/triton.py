@@ -27,6 +27,7 @@ from runtime.errors import UserError
 from runtime.folder.graphs import GENERATION_GRAPHS
 from runtime.folder.manifest import file_path, graph_spec, read_manifest
 from runtime.folder.spec import numpy_dtype
+from runtime.params import GeneratorParams, field_info
 
 ORCHESTRATOR = "blip3o"
 TRITON_TYPES = {
@@ -70,19 +71,22 @@ def graph_config(manifest: dict, name: str, *, backend: str, kind: str) -> str:
     )
 
 
+_TRITON_TYPES = {int: "TYPE_INT64", float: "TYPE_FP32", str: "TYPE_STRING"}
+
+
+def param_inputs() -> list[tuple[str, str, str, type]]:
+    """(Triton input name, Triton type, GeneratorParams field, its Python type): one optional
+    input per field of `runtime.params.GeneratorParams`, named in capitals (`decoder_steps` ->
+    DECODER_STEPS), so a field added there is an input here."""
+    return [
+        (name.upper(), _TRITON_TYPES[info["kind"]], name, info["kind"])
+        for name, info in field_info(GeneratorParams).items()
+    ]
+
+
 def orchestrator_config(manifest: dict, *, engines: Path, runtime_path: Path, kind: str) -> str:
     size = int(manifest["sampler"]["image_size"])
-    scalars = [
-        ("SEED", "TYPE_INT64"),
-        ("STEPS", "TYPE_INT32"),
-        ("GUIDANCE", "TYPE_FP32"),
-        ("DECODER_STEPS", "TYPE_INT32"),
-        ("DECODER_GUIDANCE", "TYPE_FP32"),
-        ("NUM_IMAGES", "TYPE_INT32"),
-        ("SAMPLER", "TYPE_STRING"),
-        ("DECODER_SAMPLER", "TYPE_STRING"),
-        ("PRESET", "TYPE_STRING"),
-    ]
+    scalars = [(name, triton_type) for name, triton_type, _, _ in param_inputs()]
     optional = "".join(
         f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ 1 ]\n    optional: true\n  }},\n'
         for n, t in scalars

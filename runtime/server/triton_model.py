@@ -2,8 +2,8 @@
 
 It runs the runtime's generation loop (`Generator.generate`: prefill, DiT steps, UNet steps,
 VAE) with each session call sent to the graph models of the same repository through BLS.
-Inputs: PROMPT (string), optional SEED, STEPS, GUIDANCE, DECODER_STEPS, DECODER_GUIDANCE,
-NUM_IMAGES, SAMPLER, DECODER_SAMPLER, PRESET (strings); output IMAGES (N, H, W, 3) uint8.
+Inputs: PROMPT (string) and one optional input per `GeneratorParams` field, in capitals (SEED,
+STEPS, ..., PRESET: `runtime.server.triton.param_inputs`); output IMAGES (N, H, W, 3) uint8.
 Parameters: ENGINES (the engine folder, for the tokenizer, embeddings and manifest) and
 RUNTIME_PATH (where the `runtime` package is).
 """
@@ -17,19 +17,6 @@ import triton_python_backend_utils as pb_utils
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-OPTIONAL = {
-    "SEED": ("seed", int),
-    "STEPS": ("steps", int),
-    "GUIDANCE": ("guidance", float),
-    "DECODER_STEPS": ("decoder_steps", int),
-    "DECODER_GUIDANCE": ("decoder_guidance", float),
-    "NUM_IMAGES": ("num_images", int),
-    "SAMPLER": ("sampler", _text),
-    "DECODER_SAMPLER": ("decoder_sampler", _text),
-    "PRESET": ("preset", _text),
-}
 
 
 class BlsSession:
@@ -65,8 +52,11 @@ class TritonPythonModel:
             sys.path.insert(0, path)
         from runtime.errors import UserError
         from runtime.server.adapter import generator_with_sessions
+        from runtime.server.triton import param_inputs
 
         self.user_error = UserError
+        casts = {str: _text}  # numbers come as numpy scalars: int() / float() them
+        self.optional = {n: (f, casts.get(k, k)) for n, _, f, k in param_inputs()}
         self.gen = generator_with_sessions(params["ENGINES"]["string_value"], BlsSession)
 
     def execute(self, requests):
@@ -76,7 +66,7 @@ class TritonPythonModel:
                 prompt = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy()
                 prompt = prompt.reshape(-1)[0]
                 kwargs = {}
-                for name, (key, cast) in OPTIONAL.items():
+                for name, (key, cast) in self.optional.items():
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         kwargs[key] = cast(tensor.as_numpy().reshape(-1)[0])
