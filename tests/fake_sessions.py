@@ -73,11 +73,12 @@ def fake_folder(folder: Path, *, seed: int = 0, edit=None) -> Path:
 @dataclass
 class Script:
     """What the scripted text decoder says: `answer` token ids, one per step, then `eos`
-    (None: never). `nan_at`: (graph, call index) whose output is NaN."""
+    (None: never). `nan_at`: (graph, call index) whose outputs are NaN, or (graph, call index,
+    row) for one row of a batched call; `raise_at`: (graph, call index) that raises."""
 
     answer: list[int] = field(default_factory=lambda: [11, 12, 13, 14, 15, 16, 17, 18])
     eos: int | None = 2
-    nan_at: tuple[str, int] | None = None
+    nan_at: tuple | None = None
     raise_at: tuple[str, int] | None = None
 
 
@@ -97,8 +98,11 @@ class ScriptedSession:
         if script.raise_at == (self.spec.name, index):
             raise RuntimeError(f"scripted failure of {self.spec.name} call {index}")
         out = getattr(self, "_" + self.spec.name)(feeds)
-        if script.nan_at == (self.spec.name, index):
-            out = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in out.items()}
+        if script.nan_at is not None and script.nan_at[:2] == (self.spec.name, index):
+            rows = slice(None) if len(script.nan_at) == 2 else script.nan_at[2]
+            for value in out.values():
+                if value.dtype.kind == "f":
+                    value[rows] = np.nan
         return out
 
     def to_host(self, value):

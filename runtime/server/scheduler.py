@@ -31,8 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtime import validate
-from runtime.errors import Cancelled as RuntimeCancelled
-from runtime.errors import ResultError, UserError
+from runtime.errors import Cancelled, ResultError, UserError
 from runtime.jobs.answer import TokenJob
 from runtime.jobs.generation import GenerationJob, decode_latents, step_jobs, to_pil
 from runtime.params import AnswerParams
@@ -48,10 +47,6 @@ class QueueFull(Exception):
 
 class SchedulerClosed(Exception):
     """The scheduler is shutting down or failed to start (503)."""
-
-
-class Cancelled(Exception):
-    """The request was cancelled (client gone, or a cancel call) before it finished."""
 
 
 class _Waitable:
@@ -362,7 +357,7 @@ class _Logged(RuntimeError):
 
 def _user_error(err: BaseException) -> bool:
     """A bad request or a non-finite result: answered as a 4xx, not logged as a bug."""
-    return isinstance(err, (UserError, ResultError, RuntimeCancelled, _Logged))
+    return isinstance(err, (UserError, ResultError, Cancelled, _Logged))
 
 
 def _close_job(task) -> None:
