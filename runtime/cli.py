@@ -19,6 +19,7 @@ and keeps its traceback. Output paths are checked before any work starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -119,9 +120,7 @@ def cmd_generate(args) -> int:
     validate.text("prompt", args.prompt)
     paths = output_paths(args.out, params.num_images)
     with _open(args) as gen:
-        job = gen.start(args.prompt, params)
-        for word in gen.prompts.unknown_words(args.prompt):
-            print(f"warning: {word!r} is not a word this model knows", file=sys.stderr)
+        job = gen.start(args.prompt, params)  # warns of words the model does not know
         bar = _bar_or_none(job.total, args.quiet)
         while not job.done:
             start = time.perf_counter()
@@ -248,6 +247,7 @@ def build_parser(ranges: dict | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # the runtime's warnings, one line
     ranges = folder_ranges(_engines_of(argv)) if {"-h", "--help"} & set(argv) else {}
     args = build_parser(ranges).parse_args(argv)
     try:

@@ -207,8 +207,17 @@ class Generator:
         self, prompt: str, params: GeneratorParams | None = None, **settings
     ) -> GenerationJob:
         """A stepwise generation: call `job.step()` until `job.done`, then `job.result()`.
-        `params` and/or keyword settings (`seed=3, steps=20`: the fields of `GeneratorParams`)."""
-        return GenerationJob(self, prompt, self.params(params, **settings))
+        `params` and/or keyword settings (`seed=3, steps=20`: the fields of `GeneratorParams`).
+        Words the folder's model was never trained on (`template.vocabulary`, tiny's shapes
+        world) are named in a warning: what it draws for them is noise."""
+        job = GenerationJob(self, prompt, self.params(params, **settings))
+        if unknown := self.prompts.unknown_words(prompt):
+            known = ", ".join(self.folder.manifest["template"]["vocabulary"])
+            log.warning(
+                "%s not in this model's vocabulary (it knows: %s)",
+                ", ".join(map(repr, unknown)), known,
+            )  # fmt: skip
+        return job
 
     def generate(
         self,

@@ -228,3 +228,19 @@ def test_answer_params_are_one_value(folder):
     assert gen.answer(picture(), "q", params) == gen.answer(picture(), "q", max_new_tokens=3)
     with pytest.raises(ValueError, match="unknown AnswerParams setting"):
         gen.start_answer(picture(), "q", max_tokens=3)
+
+
+def test_words_outside_the_models_vocabulary_are_named_in_a_warning(tmp_path, caplog):
+    from training.data.shapes import vocabulary
+
+    def with_vocabulary(manifest):
+        manifest["template"]["vocabulary"] = vocabulary()
+
+    folder = fake_folder(tmp_path / "vocab", edit=with_vocabulary)
+    gen, _ = generator(folder)
+    with caplog.at_level("WARNING", logger="runtime.generator"):
+        gen.start("a pink elephant left of a red circle", **FAST)
+        gen.start("Two blue squares.", **FAST)  # case and punctuation are not words
+    (record,) = caplog.records
+    assert record.getMessage().startswith("'pink', 'elephant' not in this model's vocabulary")
+    assert gen.prompts.unknown_words("three red triangles above a circle") == []

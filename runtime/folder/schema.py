@@ -386,6 +386,8 @@ SCHEMA = {
         "image_chat": _template("image", "question"),
         "image_pad": TEXT,
         "negative_prompt": TEXT,
+        # the words the model was trained on (a closed world such as tiny's shapes); absent: any
+        "vocabulary?": _list(_str(re.compile(r"^[a-z]{1,40}$"), "a lowercase word")),
     },
     "sampler": {
         **SAMPLER_SETTINGS,

@@ -61,6 +61,14 @@ COUNT_QUESTION = "How many {shape}s are there?"
 COLOR_QUESTION = "What color is the {shape}?"
 
 
+def vocabulary() -> list[str]:
+    """Every word the caption grammar uses (the tiny model knows no other), sorted: colors,
+    shapes and their plurals, relation and count words, `a` and `and`."""
+    words = {"a", "and", *COLORS, *SHAPES, *(f"{s}s" for s in SHAPES), *COUNT_WORDS}
+    words |= {w for relation in RELATIONS for w in relation.split()}
+    return sorted(words)
+
+
 def _check_name(value: str, allowed: Sequence[str], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {list(allowed)}")
