@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.folder.manifest import graph_spec
 from runtime.jobs.answer import TokenJob
 
 
 def max_batch(gen) -> int:
     """Rows one call of the step graphs takes: the smallest `batch` max of the three graphs."""
     return min(
-        graph_spec(gen.manifest, name).dim("batch").max
+        gen.folder.spec(name).dim("batch").max
         for name in ("dit_step", "unet_step", "vae_decoder")
     )
 
