@@ -10,7 +10,9 @@ so a second run with the same inputs does nothing, and an interrupted run keeps 
 `--dry-run` prints the plan with each stage's estimated peak memory and disk and the calibration's
 cost. A checkpoint is checked (config, file headers and sizes, keys, decoder, tokenizer) before
 the output folder is made. The runtime reads nothing of the folder but the manifest and the
-files it lists.
+files it lists. The terminal shows one progress bar per stage and each warning once; the build
+log beside the folder (`engines/<folder>.build.log`) keeps everything, the exporters' and
+quantizers' own output included. Errors are one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.build_log import TerminalFilter  # noqa: E402
 from export.build_plan import (  # noqa: E402
     BACKENDS,
     DECODER_SCHEDULER,
@@ -39,8 +42,24 @@ from runtime.folder.schema import DECODER_NEGATIVES  # noqa: E402
 log = logging.getLogger("build_engines")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: ...`), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class TerminalFormatter(logging.Formatter):
+    """The plan's INFO lines as they are; warnings and errors say their level and logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"{record.levelname.lower()}: {record.name}: {record.getMessage()}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python export/build_engines.py",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -81,6 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         metavar="N",
         help="calibrate on at most N prompts (default: all of the file, or 32 shapes-world ones)",
+    )
+    parser.add_argument(
+        "--calibration-samples",
+        type=int,
+        metavar="N",
+        help="the quantizer calibrates each graph on at most N of the recorded calls, spread "
+        "over every step and prompt (default: 256)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="intra-op threads of torch and ONNX Runtime (default: 1 for tiny, whose small ops "
+        "run as fast on one; the libraries' own for 4b/8b)",
     )
     parser.add_argument(
         "--device",
@@ -125,13 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="every INFO line on the terminal too"
     )
-    for noisy in ("onnx_ir", "onnxscript", "torch", "modelopt"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parser.parse_args(argv)
+    root = logging.getLogger()
+    level, handler = root.level, _terminal_logging(quiet=args.quiet, verbose=args.verbose)
+    try:
+        return _build(args)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _build(args: argparse.Namespace) -> int:
     request = BuildRequest(
         variant=args.variant,
         checkpoint=args.checkpoint,
@@ -142,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration_prompts=args.calibration_prompts,
         calibration_steps=tuple(args.calibration_steps) if args.calibration_steps else None,
         calibration_count=args.calibration_count,
+        calibration_samples=args.calibration_samples,
+        threads=args.threads,
         layers=args.layers,
         decoder_scheduler=args.decoder_scheduler,
         decoder_negative=args.decoder_negative,
@@ -167,6 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         print(f"engine folder ready: {folder}")
     return 0
+
+
+def _terminal_logging(*, quiet: bool, verbose: bool) -> logging.Handler:
+    """One stderr handler: the build plan's INFO lines (all INFO with `verbose`, none with
+    `quiet`), our warnings, each message once (`export.build_log.TerminalFilter`)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TerminalFormatter())
+    handler.addFilter(TerminalFilter(verbose=verbose))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for noisy in ("onnx_ir", "onnxscript", "torch", "modelopt"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return handler
 
 
 if __name__ == "__main__":

@@ -8,16 +8,19 @@ calibrated with the real sampler), `engine:<graph>` (TensorRT, only with `--back
 The checkpoint is checked before the folder is made (`export.source`); graphs are exported one
 at a time, each stage loading only the component it needs, and only when it must run. A dry run
 prints each stage's estimated memory and disk and the calibration's cost (`export.resources`).
+A build shows one progress bar per stage and sends the exporters' and quantizers' own output
+to its log file beside the folder (`export.build_log`); torch and ONNX Runtime run on
+`--threads` (one for tiny by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 import export.resources as resources
 import export.trt_build as trt_build
@@ -31,6 +34,8 @@ from export.build_folder import (
     remove_partials,
     tool_versions,
 )
+from export.build_log import BuildLog, log_path
+from export.calibration import load_prompts
 from export.components import GRAPH_COMPONENT
 from export.dims import graph_dims
 from export.errors import BuildError
@@ -57,6 +62,10 @@ from training.config import (
 log = logging.getLogger(__name__)
 
 VARIANTS = ("tiny", "4b", "8b")
+# intra-op threads a build uses by default: tiny's width-128 ops run as fast on one thread, and
+# two threads in one process thrash on a shared machine (a tiny INT8 build's calibration took
+# 118 s with torch's 2 threads against 49 s with 1 here); None: torch's and ORT's own default
+DEFAULT_THREADS = {"tiny": 1, "4b": None, "8b": None}
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 DEVICES = ("auto", "cpu", "cuda")
@@ -90,6 +99,12 @@ class BuildRequest:
     # TensorRT: the generation graphs' batch pinned to B (specs, ONNX, engines and manifest), so
     # the runtime captures their engines into CUDA graphs; every call then takes exactly B images
     static_batch: int | None = None
+    # recorded calls each quantized graph is calibrated on (spread over every step and prompt);
+    # None: export.quantize_stages.DEFAULT_SAMPLES
+    calibration_samples: int | None = None
+    # intra-op threads of torch and ONNX Runtime during the build; None: the variant's default
+    # (DEFAULT_THREADS: 1 for tiny, the libraries' own for 4b/8b)
+    threads: int | None = None
 
 
 def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | None]:
@@ -119,6 +134,8 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
         )
     for name, value in (
         ("calibration_count", request.calibration_count),
+        ("calibration_samples", request.calibration_samples),
+        ("threads", request.threads),
         ("layers", request.layers),
         ("static_batch", request.static_batch),
         *zip(("calibration_steps DiT", "calibration_steps UNet"), request.calibration_steps or ()),
@@ -145,6 +162,11 @@ def resolve(request: BuildRequest) -> tuple[str, tuple[int, int] | None, str | N
         )
     if request.checkpoint is not None and not request.checkpoint.is_dir():
         raise BuildError(f"checkpoint folder {request.checkpoint} does not exist")
+    if request.calibration_prompts is not None:
+        try:
+            load_prompts(request.calibration_prompts)
+        except (OSError, ValueError) as err:
+            raise BuildError(f"--calibration-prompts: {err}") from err
     sm = trt_build.compute_capability()
     trt = trt_build.tensorrt_version()
     if request.backend == "tensorrt":
@@ -242,12 +264,14 @@ def build(request: BuildRequest) -> Path:
         _print_plan(BuildFolder(folder, manifest), factory, names, folder, source)
         return folder
     created = not folder.exists()
+    output = BuildLog(log_path(folder), progress=request.progress)
     try:
-        with build_lock(folder), InterruptGuard() as guard:
+        with build_lock(folder), InterruptGuard() as guard, output, build_threads(request):
             folder.mkdir(parents=True, exist_ok=True)
+            log.info("build log: %s", output.path)
             # Read under the lock: a build that finished meanwhile is seen, not overwritten.
             manifest = _start_manifest(folder, request, precision, source, sm, trt, versions)
-            _run_stages(BuildFolder(folder, manifest, guard), factory, names, request)
+            _run_stages(BuildFolder(folder, manifest, guard), factory, names, request, output)
     except LockedError as err:
         raise BuildError(str(err)) from None
     except BaseException:
@@ -257,24 +281,19 @@ def build(request: BuildRequest) -> Path:
     return folder
 
 
-def _run_stages(engine: BuildFolder, factory, names: list[str], request: BuildRequest) -> None:
+def _run_stages(engine: BuildFolder, factory, names, request: BuildRequest, output) -> None:
     folder, manifest, precision = engine.folder, engine.manifest, factory.precision
     source = factory.source
     for leftover in remove_partials(folder):
         log.warning("removed %s left by an interrupted build", leftover.name)
     log.info("building %s-%s in %s from %s", request.variant, precision, folder, source.label)
-    bar = _progress(request.progress, total=len(factory.stage_names(names)))
     source.prepare("host")
-    _run_stage(engine, factory.assets())
-    bar.update(1)
-    _run_stage(engine, factory.negative(engine))
-    bar.update(1)
+    _run_stage(engine, factory.assets(), output)
+    _run_stage(engine, factory.negative(engine), output)
     for name in names:
-        bar.set_description(name)
         source.prepare(GRAPH_COMPONENT[name])
         for stage in factory.graph_stages(name, engine):
-            _run_stage(engine, stage)
-            bar.update(1)
+            _run_stage(engine, stage, output)
         # every graph we write is one TensorRT's parser takes: checked before any engine stage
         from export import trt_lint  # imports onnx
 
@@ -285,19 +304,61 @@ def _run_stages(engine: BuildFolder, factory, names: list[str], request: BuildRe
             engine.save()
     source.release()
     for name in names if request.backend == "tensorrt" else ():
-        bar.set_description(name)
-        _run_stage(engine, factory.engine_stage(name, engine))
-        bar.update(1)
+        _run_stage(engine, factory.engine_stage(name, engine), output)
         manifest["graphs"][name] = factory.graph_entry(name, engine)
         engine.save()
-    bar.close()
     manifest["host"] = host_entries(engine.manifest)
     engine.save()
 
 
-def _run_stage(engine, stage) -> None:
-    with resources.peak_rss(stage.name):
-        engine.run(stage)
+def _run_stage(engine: BuildFolder, stage, output: BuildLog) -> None:
+    """Run one stage under its progress bar (its line ends with the time and peak memory, or
+    'up to date'), the exporters' and quantizers' own output sent to the build log."""
+    before = engine.manifest["stages"].get(stage.name)
+    with output.stage(stage.name) as line:
+        with resources.peak_rss(stage.name) as measured:
+            record = engine.run(stage)
+        if record is before:
+            line["postfix"] = "up to date"
+        else:
+            seconds, peak = measured["seconds"], measured["peak_bytes"] / resources.GB
+            line["postfix"] = f"{seconds:.1f} s, peak RSS {peak:.1f} GB" + _quality(record)
+
+
+def _quality(record: dict) -> str:
+    error = record.get("quantization", {}).get("error_vs_fp32")
+    return f", cosine vs fp32 {error['cosine_mean']:.4f} (held out)" if error else ""
+
+
+@contextlib.contextmanager
+def build_threads(request: BuildRequest) -> Iterator[int | None]:
+    """Pin torch's and ONNX Runtime's intra-op threads for the build (`--threads`, else the
+    variant's `DEFAULT_THREADS`); None leaves the libraries' defaults. ONNX Runtime sessions
+    made meanwhile (our checks, ModelOpt's and quantize_static's calibration sessions, which
+    take no options from us) get that many threads unless their options set a number."""
+    threads = request.threads or DEFAULT_THREADS[request.variant]
+    if threads is None:
+        yield None
+        return
+    import onnxruntime as ort
+    import torch
+
+    real, before = ort.InferenceSession, torch.get_num_threads()
+
+    class PinnedSession(real):
+        def __init__(self, path_or_bytes, sess_options=None, *args, **kwargs):
+            options = sess_options or ort.SessionOptions()
+            if options.intra_op_num_threads == 0:
+                options.intra_op_num_threads = threads
+            super().__init__(path_or_bytes, options, *args, **kwargs)
+
+    torch.set_num_threads(threads)
+    ort.InferenceSession = PinnedSession
+    try:
+        yield threads
+    finally:
+        ort.InferenceSession = real
+        torch.set_num_threads(before)
 
 
 def _start_manifest(folder, request, precision, source, sm, trt, versions) -> dict:
@@ -359,6 +420,7 @@ def _print_plan(engine, factory, names, folder, source) -> None:
             steps=factory.calibration_steps(),
             negative_steps=0,  # the negative is a stage of its own: calibration reads it
             device=calibration_device(factory.request.device),
+            max_samples=factory.calibration_samples(),
         )
     costs = resources.stage_costs(
         stage_names,
@@ -368,6 +430,9 @@ def _print_plan(engine, factory, names, folder, source) -> None:
         calibration=calibration,
         graph_precisions={n: factory.graph_precision(n) for n in names},
     )
+    whole = sum(params.components[c] for c in ("vision", "text", "dit", "unet", "vae"))
+    if source.checkpoint is None:  # the seeded pipeline is built whole and held throughout
+        costs = resources.held_by_every_stage(costs, whole * resources.BYTES["fp32"])
     *rows, total = resources.format_costs(costs)
     status = dict(_statuses(engine, factory, names))
     print(f"plan for {folder} ({source.label}):")
@@ -379,11 +444,14 @@ def _print_plan(engine, factory, names, folder, source) -> None:
     io = io_dtype(factory.precision)
     shown = ", ".join(f"{n} {p}" for n, p in factory.graph_precisions(names).items())
     print(f"  graphs compute in: {shown} (float I/O: {io})")
+    request = factory.request
+    threads = request.threads or DEFAULT_THREADS[request.variant]
+    why = "--threads" if request.threads else f"{request.variant}'s default; --threads N"
+    print(f"  threads: torch and ONNX Runtime {threads or 'default (all cores)'} ({why})")
     if source.checkpoint is None:
-        whole = sum(params.components[c] for c in ("vision", "text", "dit", "unet", "vae"))
         print(
             f"  random weights: the whole seeded pipeline ({whole * 4 / resources.GB:.1f} GB "
-            "in fp32) is built at once and held by every stage, on top of these figures"
+            "in fp32) is built at once and held by every stage: in each peak above"
         )
     print(f"  estimated: {total} (from parameter counts: README, 'Building 4B/8B on a GPU')")
 
@@ -394,10 +462,6 @@ def _statuses(engine, factory, names):
             yield stage_name, "after its input stage"
         else:
             yield stage_name, "up to date" if engine.up_to_date(stage) else "will run"
-
-
-def _progress(enabled: bool, total: int):
-    return tqdm(total=total, disable=not enabled, unit="stage", desc="build")
 
 
 __all__ = ["BuildError", "BuildRequest", "build"]

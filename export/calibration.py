@@ -20,6 +20,7 @@ is. Prompt `j` of a set uses seed `seed + j`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,9 @@ def collect_feed_sets(
     guidance: float,
     decoder_steps: int,
     decoder_guidance: float,
-    max_samples: int | None = None,
+    max_samples: int | dict[str, int] | None = None,
     graphs: tuple[str, ...] = CALIBRATED_GRAPHS,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, dict[str, list[Feeds]]]:
     """Feeds of several prompt sets (name -> (prompts, seed)), recorded from the runtime's loop.
 
@@ -148,7 +150,9 @@ def collect_feed_sets(
     `dit`, `unet` (the CFG batch inside each call) and `vae_decoder` (one per prompt); `graphs`
     limits what is returned and what runs (the UNet only for a UNet or VAE graph, the VAE only
     for its own);
-    `max_samples` caps each list, keeping feeds spread evenly over the calls.
+    `max_samples` caps each list (or, as a dict, the lists of the sets it names), keeping feeds
+    spread evenly over the steps and prompts. `progress(done, total, what)` is called after
+    each call of the loop (`what`: its stage and prompt).
     """
     for prompts, _ in sets.values():
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -156,8 +160,10 @@ def collect_feed_sets(
     for name, value in (("steps", steps), ("decoder_steps", decoder_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
+    caps = max_samples if isinstance(max_samples, dict) else dict.fromkeys(sets, max_samples)
+    for cap in caps.values():
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
     unknown = sorted(set(graphs) - set(CALIBRATED_GRAPHS))
     if unknown:
         raise ValueError(f"unknown graph(s) {unknown}; valid: {', '.join(CALIBRATED_GRAPHS)}")
@@ -175,13 +181,19 @@ def collect_feed_sets(
     if "vae_decoder" in graphs:
         stages.append("vae_decoder")
     records = {n: {g: [] for g in CALIBRATED_GRAPHS} for n in sets}
+    calls = {"prefill": lambda j: 1, "dit": lambda j: len(j.flow.calls),
+             "unet": lambda j: len(j.decoder.calls), "vae_decoder": lambda j: 1}  # fmt: skip
+    total, done = sum(calls[stage](job) for stage in stages for _, job in jobs), 0
     try:
         for stage in stages:
-            for name, job in jobs:
+            for j, (name, job) in enumerate(jobs):
                 graph = _STAGE_GRAPH.get(stage)
                 start = len(recorder.feeds.get(graph, ())) if graph else 0
                 while job.stage == stage:
                     job.step()
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, f"{stage}, prompt {j + 1}/{len(jobs)}")
                 if graph:
                     calls = recorder.feeds[graph][start:]
                     records[name][graph] += list(enumerate(calls))
@@ -192,7 +204,7 @@ def collect_feed_sets(
         r["dit"] = [(i, dit_batch(f)) for i, f in r["dit_step"]]
         r["unet"] = [(i, unet_batch(f)) for i, f in r["unet_step"]]
     out = {
-        name: {g: _subsample(r[g], max_samples) for g in CALIBRATED_GRAPHS if g in graphs}
+        name: {g: _subsample(r[g], caps.get(name)) for g in CALIBRATED_GRAPHS if g in graphs}
         for name, r in records.items()
     }
     log.info(

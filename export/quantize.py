@@ -165,14 +165,36 @@ def _restore_excluded_inputs(path: Path, names: list[str]) -> int:
     return restored
 
 
-def _modelopt(src, dst, precision, calibration, inputs, names, high_precision, external) -> None:
+class _Reader:
+    """The recorded feeds as onnxruntime's `CalibrationDataReader` protocol (what ModelOpt and
+    `quantize_static` iterate: one inference per feed), calling `on_sample` per feed handed out
+    (a build's progress bar)."""
+
+    def __init__(self, calibration: list[Feeds], on_sample=None) -> None:
+        self.calibration, self.on_sample = calibration, on_sample
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.it = iter(self.calibration)
+
+    def get_first(self) -> Feeds:
+        return self.calibration[0]
+
+    def get_next(self) -> Feeds | None:
+        feeds = next(self.it, None)
+        if feeds is not None and self.on_sample is not None:
+            self.on_sample()
+        return feeds
+
+
+def _modelopt(src, dst, precision, reader, inputs, names, high_precision, external) -> None:
     from modelopt.onnx.quantization import quantize
 
-    stacked = {k: np.concatenate([f[k] for f in calibration]) for k in inputs}
-    shapes = ",".join(f"{k}:{'x'.join(map(str, calibration[0][k].shape))}" for k in inputs)
+    first = reader.get_first()
+    shapes = ",".join(f"{k}:{'x'.join(map(str, first[k].shape))}" for k in inputs)
     with _ort_quantization_restored():
         quantize(
-            str(src), quantize_mode=precision, calibration_data=stacked,
+            str(src), quantize_mode=precision, calibration_data_reader=reader,
             calibration_shapes=shapes,  # one calibration step = one recorded feed
             calibration_method=CALIBRATION[precision], calibration_eps=["cpu"],
             op_types_to_quantize=list(OP_TYPES), high_precision_dtype=high_precision,
@@ -182,18 +204,10 @@ def _modelopt(src, dst, precision, calibration, inputs, names, high_precision, e
         )  # fmt: skip
 
 
-def _ort(src, dst, calibration, names, external) -> None:
+def _ort(src, dst, reader, names, external) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    class Reader:  # onnxruntime's CalibrationDataReader protocol
-        def rewind(self) -> None:
-            self.it = iter(calibration)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    (reader := Reader()).rewind()
-
+    reader.rewind()
     quantize_static(
         str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(OP_TYPES), per_channel=True, nodes_to_exclude=names,
@@ -225,6 +239,7 @@ def quantize_graph(
     method: str = "modelopt",
     graph: str | None = None,
     high_precision: str = "fp32",
+    on_sample=None,
 ) -> dict:
     """Quantize an exported fp32 generation graph to INT8 or FP8 Q/DQ; returns a report dict.
 
@@ -233,7 +248,8 @@ def quantize_graph(
     INT8 only. Either way the result passes the TensorRT lint (`export.trt_lint.TrtLintError`
     otherwise) and `onnx_path` is only read. `graph` is read off the wrapper class when None.
     `high_precision`: the unquantized ops' dtype with ModelOpt, "fp32" (ORT CPU) or "fp16"
-    (strongly typed TensorRT).
+    (strongly typed TensorRT). `on_sample()` is called for each feed the quantizer runs (one
+    ONNX Runtime inference each, with every activation as an output).
     """
     checks = [("precision", precision, QUANT_PRECISIONS), ("method", method, METHODS)]
     for name, value, valid in [*checks, ("high_precision", high_precision, HIGH_PRECISIONS)]:
@@ -264,8 +280,8 @@ def quantize_graph(
             try:
                 dst.parent.mkdir()
                 copy = _private_copy(src, model, tmp / "src")
-                args = (precision, calibration, inputs, names, high_precision, external)
-                _modelopt(copy, dst, *args)
+                reader = _Reader(calibration, on_sample)
+                _modelopt(copy, dst, precision, reader, inputs, names, high_precision, external)
             except Exception as err:  # noqa: BLE001 - any ModelOpt failure is reported
                 if precision != "int8":
                     raise RuntimeError(f"ModelOpt {precision} failed on {src}: {err}") from err
@@ -275,7 +291,8 @@ def quantize_graph(
                 tmp.mkdir()
         if used == "ort":
             dst.parent.mkdir(exist_ok=True)
-            _ort(_private_copy(src, model, tmp / "src"), dst, calibration, names, external)
+            reader = _Reader(calibration, on_sample)
+            _ort(_private_copy(src, model, tmp / "src"), dst, reader, names, external)
         if not dst.is_file():
             raise RuntimeError(f"{used} wrote no quantized graph for {src}")
         restored = _restore_excluded_inputs(dst, names)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from export import build_log
 from export.build_folder import BuildFolder, Stage, exporter_source_hash
 from export.calibration import collect_feed_sets, default_prompts, load_prompts
 from export.model_sessions import calibration_generator
@@ -22,6 +23,14 @@ from export.source import calibration_device
 log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = 32  # calibration prompts without a prompt file (ModelOpt: 32-128)
 HELD_OUT_PROMPTS = 2  # other prompts and seeds, to measure the Q/DQ error on
+# Recorded calls each graph is calibrated on, spread evenly over (step, prompt) so every step
+# keeps its share. ModelOpt runs one ONNX Runtime inference per sample with every activation
+# as an output, then a histogram per tensor: it was most of a tiny INT8 build (960 DiT and 1,600
+# UNet samples: 61 s and 89 s here). Measured at tiny over 32 prompts, held-out error against
+# fp32 (mean cosine of 60 DiT / 100 UNet held-out calls): 0.9766 / 0.9759 with every call,
+# 0.9766 / 0.9760 with 256, 0.9762 / 0.9761 with 128; fewer prompts cost more than fewer
+# samples (16 prompts, 256 samples: 0.9760 / 0.9755).
+DEFAULT_SAMPLES = 256
 
 
 def high_precision(backend: str) -> str:
@@ -48,6 +57,10 @@ class Calibration:
         s = self.source.config.sampler
         return tuple(self.request.calibration_steps or (s.steps, s.decoder_steps))
 
+    def samples(self) -> int:
+        """Recorded calls each graph is calibrated on, at most (spread over every step)."""
+        return self.request.calibration_samples or DEFAULT_SAMPLES
+
     def feeds(self, engine: BuildFolder, graphs: tuple[str, ...]) -> dict:
         """Sampler feeds of `graphs` (the quantized ones) for calibration, and held-out feeds
         (other prompts, other seed), recorded from the runtime's loop over the model (after the
@@ -71,6 +84,8 @@ class Calibration:
                     decoder_steps=steps[1],
                     decoder_guidance=s.decoder_guidance,
                     graphs=graphs,
+                    max_samples={"feeds": self.samples()},  # spread over every step
+                    progress=build_log.progress(0, "call", "calibration").advance,
                 )
             finally:
                 model_graphs.release()
@@ -85,7 +100,8 @@ class Calibration:
         samplers = {k: getattr(s, k) for k in ("sampler", "decoder_sampler", "guidance")}
         samplers["decoder_guidance"] = s.decoder_guidance
         return {"prompts": prompts, "held_out": held, "steps": self.steps(),
-                "samplers": samplers, "negative": negative}  # fmt: skip
+                "samples": self.samples(), "samplers": samplers,
+                "negative": negative}  # fmt: skip
 
 
 def quantize_stage(
@@ -109,13 +125,16 @@ def quantize_stage(
 
     def run(tmp: Path) -> dict:
         data = calibration.feeds(engine, graphs)
+        samples = data["feeds"][name]
+        bar = build_log.progress(len(samples), "sample", "quantizer")
         report = quantize_graph(
             engine.folder / src_file,
             tmp / file,
             precision=precision,
-            calibration=data["feeds"][name],
+            calibration=samples,
             graph=name,
             high_precision=high,
+            on_sample=bar.update,
         )
         report.pop("path", None)
         # a step graph's output is dominated by the latents it carries over: measure its update

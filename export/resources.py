@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import math
@@ -71,6 +72,7 @@ class StageCost:
     loads: str  # what the stage loads, e.g. "dit fp32", or "-"
     peak_bytes: int
     disk_bytes: int
+    loaded_bytes: int = 0  # of peak_bytes, the weights it loads (a held pipeline already has)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class CalibrationCost:
     peak_component_bytes: int  # the largest phase's component, fp32
     host_staging_bytes: int  # what passes through host memory: on cuda only the UNet (diffusers
     # loads it on the host first; the backbone and DiT stream to the GPU tensor by tensor)
+    samples: dict[str, tuple[int, int]] | None = None  # graph -> (calls the quantizer runs,
+    # calls recorded)
 
     @property
     def prefills(self) -> int:  # and the blank prompt's, where the negative is sampled
@@ -104,13 +108,20 @@ class CalibrationCost:
     def describe(self) -> str:
         n = self.prompts + self.held_out
         unet = f", {self.unet_forwards:,} UNet" if self.runs_unet else ""
-        return (
+        text = (
             f"calibration: {self.prompts} + {self.held_out} held-out prompts x ({self.dit_steps} "
             f"DiT + {self.unet_steps if self.runs_unet else 0} UNet steps): {self.prefills} "
             f"prefills, {self.dit_forwards:,} DiT{unet} forwards at CFG batch 2, in fp32 on "
             f"{self.device}; feeds {_gb(self.feed_bytes)} in host memory ({n} trajectories); "
             f"largest component {_gb(self.peak_component_bytes)} on {self.device}"
         )
+        if self.samples:
+            each = ", ".join(f"{g} {k:,} of {n:,}" for g, (k, n) in self.samples.items())
+            text += (
+                f"; the quantizer calibrates each graph in ONNX Runtime on CPU on its recorded "
+                f"calls spread over every step and prompt (--calibration-samples): {each}"
+            )
+        return text
 
 
 def _gb(n: int) -> str:
@@ -136,10 +147,14 @@ def calibration_cost(
     steps: tuple[int, int],
     negative_steps: int,
     device: str,
+    max_samples: int | None = None,
 ) -> CalibrationCost:
-    """The cost of calibrating `graphs` (the quantized ones) on `prompts` + `held_out` prompts."""
+    """The cost of calibrating `graphs` (the quantized ones) on `prompts` + `held_out` prompts;
+    the quantizer runs at most `max_samples` of each graph's recorded calls."""
     n = prompts + held_out
     per_prompt = {"dit": steps[0], "dit_step": steps[0], "unet": steps[1], "unet_step": steps[1]}
+    recorded = {g: prompts * per_prompt.get(g, 1) for g in graphs}
+    samples = {g: (min(k, max_samples or k), k) for g, k in recorded.items()}
     feeds = sum(feed_bytes(specs[g]) * n * per_prompt.get(g, 1) for g in graphs)
     runs_unet = bool({"unet", "unet_step", "vae_decoder"} & set(graphs))
     phases = (
@@ -151,8 +166,9 @@ def calibration_cost(
     unet = params.components["unet"] * BYTES["fp32"] if runs_unet else 0
     staging = largest if device == "cpu" else unet
     return CalibrationCost(
-        prompts, held_out, *steps, negative_steps, runs_unet, device, feeds, largest, staging
-    )
+        prompts, held_out, *steps, negative_steps, runs_unet, device, feeds, largest, staging,
+        samples,
+    )  # fmt: skip
 
 
 def stage_costs(
@@ -175,11 +191,11 @@ def stage_costs(
         kind, _, graph = name.partition(":")
         if kind == "assets":
             size = params.host * BYTES[host]
-            out.append(StageCost(name, f"host {host}", BASE_BYTES + size, size))
+            out.append(StageCost(name, f"host {host}", BASE_BYTES + size, size, size))
             continue
         if kind == "negative":  # the text decoder, then the DiT (blank_prompt)
             loaded = max(params.components[c] for c in ("lm", "dit")) * BYTES[folder_onnx]
-            out.append(StageCost(name, f"lm, dit {folder_onnx}", BASE_BYTES + loaded, 0))
+            out.append(StageCost(name, f"lm, dit {folder_onnx}", BASE_BYTES + loaded, 0, loaded))
             continue
         onnx = graph_precisions.get(graph, folder_onnx)
         if kind == "export":
@@ -189,19 +205,22 @@ def stage_costs(
             peak = BASE_BYTES + loaded + int(EXPORT_COPIES * size)
             if graph in TEXT_GRAPHS:
                 peak += int(HEAD_COPIES * params.head * BYTES[onnx])
-            out.append(StageCost(name, f"{comp} {onnx}", peak, size))
+            out.append(StageCost(name, f"{comp} {onnx}", peak, size, loaded))
         elif kind == "quantize":
             source = params.graphs[graph] * BYTES["fp32"]
             peak = BASE_BYTES + int(QUANTIZE_COPIES * source)
-            loads = "-"
+            loads, loaded = "-", 0
             if calibration is not None and not calibrated:  # calibration runs in the first one
                 calibrated = True
                 staging = int(CALIBRATION_COPIES * calibration.host_staging_bytes)
-                peak = max(peak, BASE_BYTES + staging) + 2 * calibration.feed_bytes
+                if BASE_BYTES + staging > peak:
+                    peak, loaded = BASE_BYTES + staging, calibration.host_staging_bytes
+                peak += 2 * calibration.feed_bytes
                 loads = f"calibration ({calibration.device})"
             elif calibration is not None:
                 peak += 2 * calibration.feed_bytes
-            out.append(StageCost(name, loads, peak, params.graphs[graph] * BYTES[precision]))
+            size = params.graphs[graph] * BYTES[precision]
+            out.append(StageCost(name, loads, peak, size, loaded))
         elif kind == "engine":  # the engine holds the weights at its ONNX's precision
             size = params.graphs[graph] * BYTES[precision if graph in quantized else onnx]
             out.append(StageCost(name, "-", BASE_BYTES + int(ENGINE_COPIES * size), size))
@@ -209,6 +228,15 @@ def stage_costs(
             kinds = "assets, negative, export, quantize, engine"
             raise ValueError(f"unknown stage {name!r}; kinds: {kinds}")
     return out
+
+
+def held_by_every_stage(costs: list[StageCost], held_bytes: int) -> list[StageCost]:
+    """The costs when `held_bytes` of weights stay in memory through the whole build (the
+    seeded random pipeline, built at once): each stage's peak is its own work on top of them,
+    the weights it would load being among them."""
+    return [
+        dataclasses.replace(c, peak_bytes=c.peak_bytes - c.loaded_bytes + held_bytes) for c in costs
+    ]
 
 
 def count_params(cfg) -> ParamCounts:

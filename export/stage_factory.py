@@ -103,6 +103,10 @@ class StageFactory:
     def calibration_steps(self) -> tuple[int, int]:
         return self._calibration.steps()
 
+    def calibration_samples(self) -> int:
+        """Recorded calls each quantized graph is calibrated on, at most."""
+        return self._calibration.samples()
+
     def calibration(self, engine: BuildFolder) -> dict:
         """Sampler feeds of the build's quantized graphs, and held-out feeds (recorded once)."""
         return self._calibration.feeds(engine, self._quantized_graphs())

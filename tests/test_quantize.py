@@ -133,6 +133,20 @@ def test_max_samples_keeps_every_step(world):
     assert len({int(f["timestep"][0]) for f in feeds["dit_step"]}) == STEPS
 
 
+def test_progress_counts_every_call_and_caps_apply_per_set(world):
+    prompts = default_prompts(3, seed=99)
+    seen = []
+    feeds = collect_feed_sets(
+        world["gen"], world["recorder"], {"a": (prompts[:2], 0), "b": (prompts[2:], 7)},
+        max_samples={"a": 3}, progress=lambda *args: seen.append(args), **SAMPLER,
+    )  # fmt: skip
+    total = 3 * (1 + STEPS + STEPS + 1)  # prefill, DiT, UNet and VAE calls of 3 prompts
+    assert [d for d, _, _ in seen] == list(range(1, total + 1))
+    assert {t for _, t, _ in seen} == {total} and seen[-1][2] == "vae_decoder, prompt 3/3"
+    assert len(feeds["a"]["dit_step"]) == 3 and len(feeds["b"]["dit_step"]) == STEPS
+    assert len({int(f["timestep"][0]) for f in feeds["a"]["dit_step"]}) == 3  # spread over steps
+
+
 def test_prompts_files_and_defaults(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("# calibration prompts\na red circle\n\n  two blue squares  \n#x\n")
@@ -254,6 +268,15 @@ def test_ort_quantize_static_gives_a_runnable_int8_graph(world, quantized):
     assert report["method"] == "ort" and report["quantize_linear"] > 0
     err = q.measure_error(world["paths"]["dit_step"], report["path"], world["held"]["dit_step"])
     assert err["cosine_min"] >= OUTPUT_COSINE["int8"], err
+
+
+@pytest.mark.parametrize("method", ["modelopt", "ort"])
+def test_the_quantizer_reports_each_sample_it_runs(world, tmp_path, method):
+    calib, counted = world["calib"]["vae_decoder"], []
+    src, out = world["paths"]["vae_decoder"], tmp_path / "v.onnx"
+    q.quantize_graph(src, out, precision="int8", calibration=calib, method=method,
+                     on_sample=lambda: counted.append(1))  # fmt: skip
+    assert len(counted) == len(calib)
 
 
 def test_modelopt_failure_falls_back_to_ort(world, monkeypatch, caplog, tmp_path):

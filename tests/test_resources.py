@@ -65,6 +65,32 @@ def test_quantize_and_engine_costs_and_calibration_once():
                                 negative_steps=30, device="cpu")  # fmt: skip
     assert on_cpu.host_staging_bytes == 300 * 4 and not on_cpu.runs_unet
     assert "4 + 2 held-out prompts x (3 DiT + 5 UNet steps)" in cal.describe()
+    capped = r.calibration_cost(specs, ["dit_step", "unet_step", "vae_decoder"], PARAMS,
+                                prompts=4, held_out=2, steps=(3, 5), negative_steps=0,
+                                device="cpu", max_samples=16)  # fmt: skip
+    assert capped.samples == {"dit_step": (12, 12), "unet_step": (16, 20), "vae_decoder": (4, 4)}
+    assert "dit_step 12 of 12, unet_step 16 of 20, vae_decoder 4 of 4" in capped.describe()
+
+
+def test_a_pipeline_held_by_every_stage_is_in_every_peak():
+    """Random weights: the whole pipeline stays loaded, so a stage's peak is its own work on
+    top of it (the component it loads is part of it), and the headline is the largest peak."""
+    specs = graph_specs(graph_dims(from_preset("tiny")))
+    cal = r.calibration_cost(specs, ["dit_step"], PARAMS, prompts=4, held_out=2, steps=(3, 5),
+                             negative_steps=0, device="cpu")  # fmt: skip
+    stages = ["assets", "negative", "export:prefill", "export:dit_step", "quantize:dit_step"]
+    own = r.stage_costs(stages, PARAMS, precision="int8", graph_components=GRAPH_COMPONENT,
+                        calibration=cal)  # fmt: skip
+    held = 10 * GB
+    costs = _by_stage(r.held_by_every_stage(own, held))
+    for c in own:
+        assert costs[c.stage].peak_bytes == c.peak_bytes - c.loaded_bytes + held
+    assert costs["export:prefill"].peak_bytes - held == (
+        r.BASE_BYTES + int(0.3 * 300 * 4) + int(r.HEAD_COPIES * 90 * 4)
+    )  # the export's copies only: the text decoder itself is in the held pipeline
+    *_, headline = r.format_costs(list(costs.values()))
+    top = max(costs.values(), key=lambda c: c.peak_bytes)
+    assert headline.startswith(f"peak host memory {top.peak_bytes / GB:.1f} GB ({top.stage})")
 
 
 def test_feed_bytes_come_from_the_spec():
