@@ -112,7 +112,7 @@ class BuildLog:
         self.filter = given[0] if given else self.filter  # the CLI's: it says each one once
         for handler in _terminal_handlers(root):
             old_stream = handler.stream
-            handler.setStream(self.terminal)
+            handler.setStream(_AroundBars(self.terminal))
             stack.callback(handler.setStream, old_stream)
             if not given:
                 handler.addFilter(self.filter)
@@ -272,6 +272,23 @@ def _terminal_stream() -> Iterator[io.TextIOBase]:
         yield stream
     finally:
         stream.close()
+
+
+class _AroundBars:
+    """The terminal for log lines: a running bar is cleared before a line and redrawn after
+    it, so a warning never lands in the middle of a bar's line."""
+
+    def __init__(self, terminal) -> None:
+        self.terminal = terminal
+
+    def write(self, text: str) -> int:
+        with tqdm.external_write_mode(file=self.terminal):
+            n = self.terminal.write(text)
+            self.terminal.flush()
+        return n
+
+    def flush(self) -> None:
+        _flush(self.terminal)
 
 
 @contextlib.contextmanager
