@@ -311,11 +311,12 @@ def _run_stages(engine: BuildFolder, factory, names, request: BuildRequest, outp
     engine.save()
 
 
-def _run_stage(engine: BuildFolder, stage, output: BuildLog) -> None:
+def _run_stage(engine: BuildFolder, stage, output: BuildLog | None = None) -> None:
     """Run one stage under its progress bar (its line ends with the time and peak memory, or
-    'up to date'), the exporters' and quantizers' own output sent to the build log."""
+    'up to date'), the exporters' and quantizers' own output sent to the build log (without
+    `output`: no bar, nothing captured)."""
     before = engine.manifest["stages"].get(stage.name)
-    with output.stage(stage.name) as line:
+    with output.stage(stage.name) if output else contextlib.nullcontext({}) as line:
         with resources.peak_rss(stage.name) as measured:
             record = engine.run(stage)
         if record is before:
