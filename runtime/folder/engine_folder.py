@@ -169,8 +169,12 @@ class EngineFolder:
     def check_assets(self, vocab: int) -> None:
         """The token embeddings cover the tokenizer and have the width the text graphs take; the
         latent queries have the shape the prefill and the DiT's condition take."""
-        width = self.spec("prefill").tensor("inputs_embeds").shape[-1]
-        queries = (1, *self.spec("dit_step").tensor("cond").shape[1:])  # (1, 64, H)
+        graphs = self.manifest["graphs"]  # a partial build may lack some graphs
+        text = next((g for g in ("prefill", "decode") if g in graphs), None)
+        width = self.spec(text).tensor("inputs_embeds").shape[-1] if text else None
+        cond = self.spec("dit_step").tensor("cond").shape[1:] if "dit_step" in graphs else None
+        width = width or (cond[-1] if cond else self.latent_queries.shape[-1])
+        queries = (1, *cond) if cond else (1, self.latent_queries.shape[1], width)  # (1, 64, H)
         if self.embeddings.shape[1] != width or self.latent_queries.shape != queries:
             raise EngineFolderError(
                 f"{self.path}: token embeddings {self.embeddings.shape} and latent queries "
