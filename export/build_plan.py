@@ -58,6 +58,7 @@ from training.config import (
     from_preset,
     to_dict,
 )
+from training.data.shapes import vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +232,10 @@ def output_folder(request: BuildRequest, precision: str, label: str | None = Non
     return folder
 
 
-def template_info() -> dict:
-    return {
+def template_info(variant: str) -> dict:
+    """The prompt templates the runtime renders; a closed-world model (tiny: the shapes world)
+    also records the words it was trained on, so the runtime can name a prompt's other words."""
+    info = {
         "chat": CHAT_TEMPLATE,
         "system": SYSTEM_PROMPT,
         "generation_instruction": GENERATION_INSTRUCTION,
@@ -240,6 +243,9 @@ def template_info() -> dict:
         "image_pad": IMAGE_PAD,
         "negative_prompt": "",
     }
+    if variant == "tiny":
+        info["vocabulary"] = vocabulary()
+    return info
 
 
 def build(request: BuildRequest) -> Path:
@@ -383,7 +389,7 @@ def _start_manifest(folder, request, precision, source, sm, trt, versions) -> di
             "hash": source.hash,
         },
         config=to_dict(source.config),
-        template=template_info(),
+        template=template_info(request.variant),
         sampler={
             "sampler": s.sampler,
             "steps": s.steps,
