@@ -44,6 +44,7 @@ def test_second_run_is_a_no_op(tiny_engine_dir, caplog):
     assert caplog.text.count("up to date") == 2 + len(RUNTIME_GRAPHS)  # assets, negative, graphs
 
 
+@pytest.mark.slow  # builds an engine folder
 def test_interrupted_build_leaves_no_partial_files(tmp_path, monkeypatch):
     import export.onnx_export as onnx_export
 
@@ -90,7 +91,6 @@ def test_bad_requests(kwargs, match, tmp_path):
         build(BuildRequest(out=tmp_path / "x", dry_run=True, **kwargs))
 
 
-pytestmark = pytest.mark.slow  # builds engine folders
 
 
 def test_fp8_on_a_gpu_without_fp8(monkeypatch, tmp_path):
@@ -171,6 +171,7 @@ def test_partial_leftovers_are_cleaned(tmp_path):
     assert len(removed) == 2 and os.listdir(tmp_path) == ["keep.onnx"]
 
 
+@pytest.mark.slow  # builds and quantizes an engine folder
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_quantized_folder(tmp_path, precision):
     prompts = tmp_path / "prompts.txt"
@@ -196,6 +197,7 @@ def test_quantized_folder(tmp_path, precision):
     assert check.main([str(out)]) == 0
 
 
+@pytest.mark.slow  # builds an engine folder
 def test_disk_full_mid_stage_keeps_earlier_artifacts(tmp_path, monkeypatch, capsys):
     import errno
 

@@ -37,6 +37,9 @@ UPDATE_COSINE = {"int8": 0.95, "fp8": 0.93}
 MAX_ABS_FRACTION = 0.15
 FLOAT8 = (onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ)
 
+# every test but two uses the exported `world` (or quantizes); the module is the slow tier's
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -194,8 +197,6 @@ def test_excluded_nodes_have_no_qdq_inputs(world, quantized, graph, precision, m
         n.op_type == "Conv" and n.name in fed for n in model.graph.node
     )
 
-
-pytestmark = pytest.mark.slow  # quantizes graphs
 
 
 # ---------------------------------------------------------------------------------------------
