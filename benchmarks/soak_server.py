@@ -29,6 +29,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
+
 FAST = {"num_inference_steps": 1, "decoder_num_inference_steps": 1}
 
 
@@ -227,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads", type=common.threads_count, default=common.DEFAULT_THREADS,
+        help="ONNX Runtime intra-op threads (default 1)",
+    )  # fmt: skip
     parser.add_argument("--budget", type=float, default=0.10, help="RSS growth allowed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -240,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         budget=args.budget,
     )
-    out = args.out or Path("benchmarks/out") / f"soak-server-{args.engines.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = common.write_json(
+        args.out or common.scratch(f"soak-server-{args.engines.name}.json"), report
+    )
+    print(f"wrote {out}")
     first, last = report["samples"][0], report["samples"][-1]
     print(
         f"{report['requests']} requests ({len(report['mix'])} kinds, {report['clients']} "
