@@ -191,3 +191,28 @@ def test_ema_averages_swaps_and_overlays_final_weights():
     torch.testing.assert_close(again.avg["layer"]["weight"], start + 0.5)
     with pytest.raises(ValueError, match="ema decay"):
         EmaWeights({"layer": layer}, 1.0, None)
+
+
+def test_multi_turn_chats_label_every_answer_and_only_answers(tiny):
+    from training.data.shapes import questions, sample_scene
+    from training.model.backbone import understanding_text
+
+    _, tok, cfg = tiny
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng) for _ in range(4)]
+    one = UnderstandingBatcher(cfg, tok)(scenes, np.random.default_rng(0))
+    four = UnderstandingBatcher(cfg, tok, turns=4)(scenes, np.random.default_rng(0))
+    eos = cfg.backbone.eos_token_id
+    for i, scene in enumerate(scenes):
+        labels = [t for t in four["labels"][i].tolist() if t != IGNORE]
+        answers = tok.decode(labels, skip_special_tokens=False).split("<|im_end|>")[:-1]
+        assert len(answers) == min(4, len(questions(scene)))
+        assert set(answers) <= {a for _, a in questions(scene)}
+        assert labels.count(eos) == len(answers)
+        assert sum(t != IGNORE for t in one["labels"][i].tolist()) < len(labels)
+        # the first turn is the single-question chat's layout: image, question, answer
+        text = tok.decode(four["input_ids"][i].tolist(), skip_special_tokens=False)
+        first_question = text.split("<|vision_end|>")[1].split("<|im_end|>")[0]
+        assert text.startswith(understanding_text(first_question, text.count("<|image_pad|>")))
+    with pytest.raises(ValueError, match="turns"):
+        UnderstandingBatcher(cfg, tok, turns=0)

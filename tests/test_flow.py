@@ -96,3 +96,13 @@ def test_host_noise_is_seeded_and_validated():
         flow.host_noise(1.5, (1,))
     with pytest.raises(ValueError, match="steps"):
         flow.sigma_schedule(0)
+
+
+def test_logit_normal_sigmas_weigh_the_middle():
+    s = flow.sample_training_sigmas(20000, torch.Generator().manual_seed(0), "logit_normal")
+    assert s.min() > 0 and s.max() < 1
+    assert abs(float(s.median()) - 0.5) < 0.02
+    middle = ((s > 0.25) & (s < 0.75)).float().mean()
+    assert middle > 0.6  # uniform: 0.5
+    with pytest.raises(ValueError, match="logit_normal"):
+        flow.sample_training_sigmas(4, None, "cosine")

@@ -125,6 +125,30 @@ def ceiling_command(
     return result
 
 
+def diagnose_command(
+    *, run: Path, checkpoint: Path | None, per_task: int, out: Path, threads: int
+) -> dict:
+    from training.checkpoint import load_pipeline
+    from training.pipeline import ReferencePipeline
+    from training.train.diagnose import diagnose, to_text, write
+    from training.train.publish import open_run
+    from training.train.run import load_decoder, load_model, load_target_encoder
+
+    torch.set_num_threads(threads)
+    opened = open_run(run)
+    encoder, stats = load_target_encoder(opened)
+    if checkpoint is not None:
+        pipe = load_pipeline(checkpoint)
+    else:
+        model = load_model(opened, generation=True)
+        pipe = ReferencePipeline(model, load_decoder(opened), opened.tokenizer)
+    report = diagnose(pipe, encoder, stats, per_task=per_task)
+    print(to_text(report))
+    write(report, out)
+    print(f"wrote {out} and {out.with_suffix('.txt')}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
@@ -192,6 +216,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decoder-guidance", type=float, default=None, help="default: the sampler's")
     p.add_argument("--out", type=Path, default=None, help="also write the scores as JSON here")
     p.add_argument("--threads", type=int, default=2)
+
+    p = sub.add_parser(
+        "diagnose",
+        help="where generation fails: failure kinds, target-token probes, the DiT's features, "
+        "the decoder's tolerance of feature noise",
+    )
+    p.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        help="run folder with a trained target "
+        "encoder (and, without --checkpoint, a finished decoder and generation stage)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="diagnose this published checkpoint's DiT and decoder instead of the run's",
+    )
+    p.add_argument("--per-task", type=int, default=12, help="mini-GenEval prompts per task")
+    p.add_argument("--out", type=Path, required=True, help="report JSON (a .txt table beside it)")
+    p.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s")
@@ -208,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if gate_command(run=args.run, out=args.out, threads=args.threads) else 1)
     elif args.command == "export-checkpoint":
         print(export_command(run=args.run, out=args.out))
+    elif args.command == "diagnose":
+        diagnose_command(run=args.run, checkpoint=args.checkpoint, per_task=args.per_task,
+                         out=args.out, threads=args.threads)  # fmt: skip
     elif args.command == "decoder-ceiling":
         ceiling_command(run=args.run, per_task=args.per_task, out=args.out, threads=args.threads,
                         decoder_steps=args.decoder_steps,

@@ -108,10 +108,25 @@ def sample_features(
     return x
 
 
-def sample_training_sigmas(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """sigma uniform over the 1000 levels {1/1000, ..., 1}: float32 (batch,)."""
-    index = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
-    return (NUM_TRAIN_TIMESTEPS - index).float() / NUM_TRAIN_TIMESTEPS
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
+def sample_training_sigmas(
+    batch: int, generator: torch.Generator | None = None, sampling: str = "uniform"
+) -> torch.Tensor:
+    """Training noise levels, float32 (batch,).
+
+    "uniform": over the 1000 levels {1/1000, ..., 1}, as BLIP3-o trains. "logit_normal": SD3's
+    sigma = sigmoid(n), n ~ N(0, 1), which weighs the middle of the path, where a sample's layout
+    is decided, over the nearly clean and nearly pure-noise ends.
+    """
+    if sampling == "uniform":
+        index = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
+        return (NUM_TRAIN_TIMESTEPS - index).float() / NUM_TRAIN_TIMESTEPS
+    if sampling == "logit_normal":
+        return torch.sigmoid(torch.randn(batch, generator=generator))
+    valid = ", ".join(TIMESTEP_SAMPLING)
+    raise ValueError(f"unknown timestep sampling {sampling!r}; valid: {valid}")
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -135,10 +150,12 @@ def flow_matching_loss(
     *,
     p_uncond: float = 0.1,
     generator: torch.Generator | None = None,
+    sampling: str = "uniform",
 ) -> torch.Tensor:
-    """MSE between the predicted and the true velocity eps - x0 at a random sigma per sample."""
+    """MSE between the predicted and the true velocity eps - x0 at a random sigma per sample
+    (`sampling`: how sigma is drawn, `sample_training_sigmas`)."""
     noise = torch.randn(x0.shape, generator=generator).to(x0)
-    sigma = sample_training_sigmas(x0.shape[0], generator).to(x0.device)
+    sigma = sample_training_sigmas(x0.shape[0], generator, sampling).to(x0.device)
     x_t = add_noise(x0, noise, sigma)
     pred = velocity(x_t, sigma * NUM_TRAIN_TIMESTEPS, drop_conditioning(cond, p_uncond, generator))
     return F.mse_loss(pred.float(), (noise - x0).float())

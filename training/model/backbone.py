@@ -88,6 +88,12 @@ def understanding_text(question: str, num_image_tokens: int) -> str:
     return CHAT_TEMPLATE.format(system=SYSTEM_PROMPT, text=user)
 
 
+def next_turn_text(question: str) -> str:
+    """A further user turn after an answer (whose reply ended in `<|im_end|>`), as Qwen's chat
+    template lays out multi-turn chats: the newline, the user turn, the assistant header."""
+    return f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
 def generation_ids(tokenizer, caption: str, cfg: BackboneConfig, *, template: bool = True):
     """Token ids of a generation prompt followed by `[IMG]`: list[int].
 

@@ -35,10 +35,16 @@ from training.data.shapes import (
     SHAPES,
     Scene,
     parse_caption,
+    questions,
     sample_qa,
 )
 from training.flow import flow_matching_loss
-from training.model.backbone import generation_ids, generation_text, understanding_text
+from training.model.backbone import (
+    generation_ids,
+    generation_text,
+    next_turn_text,
+    understanding_text,
+)
 from training.model.blip3o import BLIP3o
 from training.pipeline import image_processor
 
@@ -65,13 +71,26 @@ class UnderstandingObjective(nn.Module):
 class UnderstandingBatcher:
     """Scenes -> padded chat batches with labels on the answers."""
 
-    def __init__(self, cfg: ModelConfig, tokenizer) -> None:
+    def __init__(self, cfg: ModelConfig, tokenizer, turns: int = 1) -> None:
+        if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+            raise ValueError(f"turns must be an integer >= 1, got {turns!r}")
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.turns = turns
         self.processor = image_processor(cfg)
         v = cfg.backbone.vision
         side = 64 // (v.patch_size * v.spatial_merge_size)
         self.image_tokens = side * side
+
+    def chat(self, scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """The (question, answer) turns of one image's chat: one `sample_qa` question, or with
+        `turns` > 1 that many distinct questions of the scene in random order (a multi-turn chat
+        supervises several answers per image for one pass of the vision tower)."""
+        if self.turns == 1:
+            return [sample_qa(scene, rng)]
+        qa = questions(scene)
+        order = rng.permutation(len(qa))[: self.turns]
+        return [qa[i] for i in order]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -83,11 +102,15 @@ class UnderstandingBatcher:
         merge = b.vision.spatial_merge_size
         rows, labels = [], []
         for scene, thw in zip(scenes, grid):
-            question, answer = sample_qa(scene, rng)
-            prompt = self.encode(understanding_text(question, int(thw.prod()) // merge**2))
-            reply = self.encode(answer) + [b.eos_token_id]
-            rows.append(prompt + reply)
-            labels.append([IGNORE] * len(prompt) + reply)
+            row, label = [], []
+            for turn, (question, answer) in enumerate(self.chat(scene, rng)):
+                text = understanding_text(question, int(thw.prod()) // merge**2)
+                prompt = self.encode(text if turn == 0 else next_turn_text(question))
+                reply = self.encode(answer) + [b.eos_token_id]
+                row += prompt + reply
+                label += [IGNORE] * len(prompt) + reply
+            rows.append(row)
+            labels.append(label)
         longest = max(len(r) for r in rows)
         ids = torch.full((len(rows), longest), b.pad_token_id, dtype=torch.long)
         lab = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
@@ -109,16 +132,19 @@ class UnderstandingBatcher:
 class GenerationObjective(nn.Module):
     """Flow matching of the DiT on target features, conditioned through the frozen backbone."""
 
-    def __init__(self, model: BLIP3o, repeats: int) -> None:
+    def __init__(self, model: BLIP3o, repeats: int, timesteps: str = "uniform") -> None:
         super().__init__()
         self.model = model
         self.repeats = repeats
+        self.timesteps = timesteps
 
     def forward(self, input_ids, prompt_mask, targets, generator):
         cond = conditioning(self.model, input_ids, prompt_mask)  # (P, 64, H)
         cond = cond.repeat_interleave(self.repeats, dim=0)  # (P*r, 64, H)
         x0 = BLIP3o.tokens_to_features(targets, self.model.config.dit.input_size)  # (P*r, C, 8, 8)
-        loss = flow_matching_loss(self.model.velocity, x0, cond, generator=generator)
+        loss = flow_matching_loss(
+            self.model.velocity, x0, cond, generator=generator, sampling=self.timesteps
+        )
         return loss, {}
 
 

@@ -75,6 +75,7 @@ KNOBS = {
         "caption_lm_weight": 1.0,
         "caption_read_weight": 1.0,
         "query_init_std": 0.02,
+        "turns": 4,
     },
     "generation": {"repeats": 2},
 }
@@ -194,7 +195,7 @@ def train_understanding(run: Run) -> dict:
     model.dit.requires_grad_(False)
     init_queries(run, model)
     objective = Stage1Objective(model, knobs["caption_lm_weight"], knobs["caption_read_weight"])
-    batcher = UnderstandingBatcher(run.cfg, run.tokenizer)
+    batcher = UnderstandingBatcher(run.cfg, run.tokenizer, knobs["turns"])
 
     def batch(step: int) -> dict:
         chats = batcher(run.scenes(name, step), step_rng(run.seed, 4, step, run.dist.rank))
