@@ -75,3 +75,18 @@ def test_linear_probe_fits_a_separable_problem_and_not_noise():
     noise = torch.randint(0, 2, (400,), generator=g)
     probe = fit_linear(x[:300], noise[:300], 2)
     assert (predict(probe, x[300:]) == noise[300:]).float().mean() < 0.7
+
+
+def test_objects_read_from_a_true_cell_map_pass_the_judges():
+    from training.data.shapes import Scene
+    from training.eval.geneval import passes
+    from training.train.diagnose import object_cells, read_objects
+
+    caption = "a red circle to the left of a blue square"
+    scene = Scene((RED_CIRCLE, BLUE_SQUARE), caption, "relation")
+    found = read_objects(object_cells([scene])[0])
+    assert sorted((d.color, d.shape) for d in found) == [("blue", "square"), ("red", "circle")]
+    spec = parse_caption(scene.caption)
+    assert passes("position", spec, found, strict=True)
+    wrong = parse_caption("a red circle to the right of a blue square")
+    assert not passes("position", wrong, found)

@@ -275,28 +275,3 @@ def test_decoder_ceiling_needs_a_trained_run(tmp_path):
         decoder_ceiling(tmp_path, per_task=1, seeds=(0,))
     with pytest.raises(ValueError, match="per_task"):
         decoder_ceiling(tmp_path, per_task=0)
-
-
-def test_generation_takes_the_freed_core_once_the_decoder_is_done(smoke_run, tmp_path):
-    from training.config import from_preset
-    from training.train.common import Dist
-    from training.train.run import Run
-
-    def run_in(folder: Path) -> Run:
-        return Run(
-            out=folder, cfg=from_preset("tiny"), seed=0, dist=Dist(), resume=False,
-            settings=dict(DEFAULTS), knobs={}, threads_after_decoder=2,
-        )  # fmt: skip
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        run_in(tmp_path).take_freed_cores(0)  # no decoder yet: stays on one thread
-        assert torch.get_num_threads() == 1
-        ready = run_in(smoke_run[0])  # the smoke run's decoder is finished
-        ready.take_freed_cores(7)  # only every 50 steps
-        assert torch.get_num_threads() == 1
-        ready.take_freed_cores(50)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

@@ -23,7 +23,7 @@ import torch
 def train_command(
     *, stages: str, out: Path, steps_scale: float, resume: bool, seed: int, threads: int | None,
     jobs: int, evals: bool, wait_upstream: float, recorded_command: str | None,
-    threads_after_decoder: int = 0, force_gate: bool = False,
+    force_gate: bool = False,
 ) -> dict:  # fmt: skip
     from training.train.recipe import parse_stages, train
 
@@ -35,7 +35,7 @@ def train_command(
     return train(
         out=out, stages=parse_stages(stages), steps_scale=steps_scale, resume=resume, seed=seed,
         evals=evals, jobs=jobs, wait_upstream_s=wait_upstream, command=command,
-        threads_after_decoder=threads_after_decoder, force_gate=force_gate,
+        force_gate=force_gate,
     )  # fmt: skip
 
 
@@ -126,17 +126,27 @@ def ceiling_command(
 
 
 def diagnose_command(
-    *, run: Path, checkpoint: Path | None, per_task: int, out: Path, threads: int
+    *, run: Path | None, checkpoint: Path | None, per_task: int, out: Path, threads: int
 ) -> dict:
     from training.checkpoint import load_pipeline
     from training.pipeline import ReferencePipeline
     from training.train.diagnose import diagnose, to_text, write
-    from training.train.publish import open_run
+    from training.train.publish import (
+        TARGET_ENCODER_DIR,
+        load_target_encoder_folder,
+        open_run,
+    )
     from training.train.run import load_decoder, load_model, load_target_encoder
 
     torch.set_num_threads(threads)
-    opened = open_run(run)
-    encoder, stats = load_target_encoder(opened)
+    opened = open_run(run) if run is not None else None
+    if checkpoint is not None and (checkpoint / TARGET_ENCODER_DIR).is_dir():
+        encoder, stats = load_target_encoder_folder(checkpoint / TARGET_ENCODER_DIR)
+    elif opened is not None:
+        encoder, stats = load_target_encoder(opened)
+    else:
+        raise SystemExit(f"error: {checkpoint} has no {TARGET_ENCODER_DIR}/; pass --run with "
+                         "the run folder whose target encoder it was trained on")  # fmt: skip
     if checkpoint is not None:
         pipe = load_pipeline(checkpoint)
     else:
@@ -183,7 +193,6 @@ def main(argv: list[str] | None = None) -> None:
         help="start stage 2 even when stage 1's backbone fails the caption-reading gate",
     )  # fmt: skip
     p.add_argument("--wait-upstream", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--threads-after-decoder", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--recorded-command", default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("gate", help="caption-reading probe of stage 1's backbone (exit 1: fails)")
@@ -248,13 +257,14 @@ def main(argv: list[str] | None = None) -> None:
                       resume=args.resume, seed=args.seed, threads=args.threads, jobs=args.jobs,
                       evals=not args.no_eval, wait_upstream=args.wait_upstream,
                       recorded_command=args.recorded_command,
-                      threads_after_decoder=args.threads_after_decoder,
                       force_gate=args.force_gate)  # fmt: skip
     elif args.command == "gate":
         sys.exit(0 if gate_command(run=args.run, out=args.out, threads=args.threads) else 1)
     elif args.command == "export-checkpoint":
         print(export_command(run=args.run, out=args.out))
     elif args.command == "diagnose":
+        if args.run is None and args.checkpoint is None:
+            parser.error("diagnose needs --run, --checkpoint or both")
         diagnose_command(run=args.run, checkpoint=args.checkpoint, per_task=args.per_task,
                          out=args.out, threads=args.threads)  # fmt: skip
     elif args.command == "decoder-ceiling":

@@ -150,9 +150,16 @@ def check(task: str, spec: dict, image) -> bool:
     some (c1, s1) and a different (c2, s2) object whose centroids are >= 3 px apart in the named
     direction (y grows downward, `above` is smaller y).
     """
+    return passes(task, spec, detect(_as_image(image)))
+
+
+def passes(task: str, spec: dict, found: Sequence[Detection], *, strict: bool = False) -> bool:
+    """`check` (or with `strict`, `check_strict`) of an image's detections: the judges' rules on
+    any list of detected objects (the image detector's, or objects read from features)."""
     if not _valid_for_task(_check_task(task), spec):
         raise ValueError(f"spec {spec} is not a {task} prompt")
-    found = detect(_as_image(image))
+    if strict:
+        return _strict(task, spec, found)
     objects = spec["objects"]
 
     def matching(color: str | None, shape: str) -> list[Detection]:
@@ -181,9 +188,12 @@ def check_strict(task: str, spec: dict, image) -> bool:
     objects, the two asked shapes. color_attr and position: exactly two objects, (c1, s1) and
     (c2, s2) (position: in the named relation). counting: exactly N objects, all of the shape
     and of the color when the prompt names one."""
-    if not check(task, spec, image):
+    return passes(task, spec, detect(_as_image(image)), strict=True)
+
+
+def _strict(task: str, spec: dict, found: Sequence[Detection]) -> bool:
+    if not passes(task, spec, found):
         return False
-    found = detect(_as_image(image))
     objects = spec["objects"]
     if task in ("single_object", "colors"):
         return True

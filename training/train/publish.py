@@ -9,20 +9,29 @@ eval --update-card` fills in its evaluation section.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from training.checkpoint import save_model
 from training.config import from_preset
+from training.model.target_encoder import TargetEncoder
 from training.train.common import Dist
 from training.train.gate import GATE_FILE
-from training.train.run import Run, load_decoder, load_model
+from training.train.run import Run, load_decoder, load_model, load_target_encoder
 from training.train.stages import DEFAULTS, KNOBS
 
 log = logging.getLogger(__name__)
 
 CARD = "MODEL_CARD.md"
+# Training-only, beside the published layout (no loader or exporter reads it): the target encoder
+# and its feature statistics, so the features the DiT was trained on can be recomputed
+# (`python -m training diagnose --checkpoint`, `decoder-ceiling`) without the run folder.
+TARGET_ENCODER_DIR = "target_encoder"
 EVAL_START, EVAL_END = "<!-- eval:start -->", "<!-- eval:end -->"
 
 
@@ -49,11 +58,38 @@ def export_checkpoint(run_dir: str | Path, out: str | Path) -> Path:
     model = load_model(run, generation=True)
     decoder = load_decoder(run)
     folder = save_model(model, out, tokenizer=run.tokenizer, decoder=decoder)
+    save_target_encoder(*load_target_encoder(run), folder / TARGET_ENCODER_DIR)
     gate_path = run_dir / GATE_FILE
     gate = json.loads(gate_path.read_text()) if gate_path.is_file() else None
     (folder / CARD).write_text(model_card(record, folder, gate))
     log.info("exported %s to %s", run_dir, folder)
     return folder
+
+
+def save_target_encoder(encoder, stats: dict, folder: Path) -> None:
+    """`model.safetensors` (the ViT) and `config.json` (its config and feature statistics)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()},
+              folder / "model.safetensors")  # fmt: skip
+    config = {
+        "config": dataclasses.asdict(encoder.config),
+        "feature_stats": {k: v.tolist() for k, v in stats.items()},
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_target_encoder_folder(folder: str | Path):
+    """The (encoder, stats) `save_target_encoder` wrote; a clear error when the folder lacks it."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no target encoder (written by export-checkpoint)")
+    config = json.loads((folder / "config.json").read_text())
+    encoder = TargetEncoder(from_preset("tiny").target_encoder)
+    if json.loads(json.dumps(dataclasses.asdict(encoder.config))) != config["config"]:
+        raise ValueError(f"{folder}: the target encoder config differs from the tiny preset's")
+    encoder.load_state_dict(load_file(folder / "model.safetensors"))
+    stats = {k: torch.tensor(v) for k, v in config["feature_stats"].items()}
+    return encoder.eval().requires_grad_(False), stats
 
 
 def gate_section(gate: dict | None) -> str:

@@ -58,7 +58,6 @@ class Run:
     evals: bool = True  # periodic evaluation (off in smoke tests)
     wait_upstream_s: float = 0.0  # wait for a stage another process of the run is training
     stat_images: int = 512  # images for the feature and latent statistics
-    threads_after_decoder: int = 0  # --jobs 2: threads to use once the decoder chain is done
     force_gate: bool = False  # start stage 2 on a failed caption-reading gate
 
     def __post_init__(self) -> None:
@@ -80,18 +79,6 @@ class Run:
 
     def generator(self, loop: str, step: int) -> torch.Generator:
         return step_generator(self.seed, LOOP_INDEX[loop], step, self.dist.rank)
-
-    def take_freed_cores(self, step: int) -> None:
-        """Once the other process's decoder chain has finished, use its core too.
-
-        `--jobs 2` trains two chains with one thread each; the decoder chain ends first, and the
-        generation stage then has the machine to itself. Checked every 50 steps. Thread count
-        changes speed only (float sums may round differently), not the data or the noise drawn.
-        """
-        want = self.threads_after_decoder
-        if want > torch.get_num_threads() and step % 50 == 0 and decoder_ready(self):
-            log.info("the decoder chain has finished: %d threads from step %d", want, step)
-            torch.set_num_threads(want)
 
     def run(self, loop: Loop) -> dict:
         if not self.evals:

@@ -59,11 +59,11 @@ DEFAULTS = {
     "target_encoder": StageSettings(steps=1600, batch=64, lr=2e-3, warmup=50, eval_every=400),
     "decoder_vae": StageSettings(steps=1600, batch=16, lr=2e-3, warmup=40, eval_every=400),
     "decoder_unet": StageSettings(
-        steps=4000, batch=32, lr=2e-3, warmup=100, eval_every=1000, ema=0.999
+        steps=8000, batch=32, lr=2e-3, warmup=100, eval_every=2000, ema=0.999
     ),
     "understanding": StageSettings(steps=2400, batch=32, lr=1e-3, warmup=100, eval_every=600),
     "generation": StageSettings(
-        steps=1800, batch=32, lr=1e-3, warmup=100, eval_every=600, ema=0.999
+        steps=2000, batch=32, lr=1e-3, warmup=100, eval_every=1000, ema=0.999
     ),
 }
 # Stage-specific knobs (part of each loop's fingerprint).
@@ -77,7 +77,7 @@ KNOBS = {
         "query_init_std": 0.02,
         "turns": 4,
     },
-    "generation": {"repeats": 2},
+    "generation": {"repeats": 2, "timesteps": "uniform"},
 }
 
 
@@ -236,10 +236,9 @@ def train_generation(run: Run) -> dict:
     if run.dist.main and not run.path(name).exists():  # before stage 2's first step
         report = gate_run(model, run.tokenizer, run.out, force=run.force_gate)
         log.info("caption-reading gate:\n%s", format_gate(report))
-    objective = GenerationObjective(model, knobs["repeats"])
+    objective = GenerationObjective(model, knobs["repeats"], knobs["timesteps"])
 
     def batch(step: int) -> dict:
-        run.take_freed_cores(step)
         scenes = run.scenes(name, step)
         feats = enc.normalized_features(encoder, stats, images_tensor(scenes))  # (P, 64, C)
         prompts = generation_prompt_batch(run.tokenizer, run.cfg, [s.caption for s in scenes])
