@@ -390,8 +390,8 @@ def _preset_tiny() -> ModelConfig:
         ),
         dit=DiTConfig(
             in_channels=feature_width,
-            dim=128,
-            n_layers=4,
+            dim=160,
+            n_layers=6,
             n_heads=4,
             n_kv_heads=4,
             multiple_of=64,

@@ -142,8 +142,10 @@ in the work tree), seed {record.get("seed")}, steps scale {record.get("steps_sca
 {gate_section(gate)}
 
 Feature convention: the DiT generates, and the decoder reads, target-encoder tokens standardized
-per channel with statistics of the training images (kept in the run's `target_encoder.pt`); the
-target encoder itself is training-only and not part of this folder.
+per channel with statistics of the training images. The target encoder is training-only: no
+loader or exporter reads it, but it ships beside the published layout (`{TARGET_ENCODER_DIR}/`:
+weights and those statistics) so that the features can be recomputed (`python -m training
+diagnose --checkpoint {ckpt}`).
 
 ## Evaluation
 {EVAL_START}
