@@ -458,6 +458,12 @@ def diagnose(
         "features_more_than_image": more_in_features / len(keys),
     }
 
+    log.info("judging objects read from features (the DiT's and the true ones)")
+    reader = FeatureReader(encoder, stats, scenes=probe_scenes[0])
+    report["features_judged"] = {
+        "generated": feature_geneval(reader, prompts, seeds, dict(zip(keys, gen))),
+        "true": feature_geneval(reader, prompts, seeds, dict(zip(keys, true))),
+    }
     log.info("decoder fragility at noise levels %s", list(noise_levels))
     report["fragility"] = fragility(
         pipe, encoder, stats, noise_levels, per_task=fragility_per_task, seeds=fragility_seeds
@@ -549,6 +555,17 @@ def to_text(report: dict) -> str:
                   fs["extra_in_generated_features"], fs["extra_in_true_features"],
                   fs["image_equals_features"], fs["image_more_than_features"],
                   fs["features_more_than_image"])]  # fmt: skip
+    fj = report.get("features_judged")
+    if fj:
+        lines += [
+            "",
+            "mini-GenEval judged on objects read from features (no decoder; GenEval / strict):",
+            f"{'features':<10} " + " ".join(f"{t:>14}" for t in (*TASKS, "overall")),
+        ]
+        for name in ("true", "generated"):
+            lines.append(f"{name:<10} " + " ".join(
+                f"{fj[name]['geneval'][t]:>6.3f}/{fj[name]['strict'][t]:<7.3f}"
+                for t in (*TASKS, "overall")))  # fmt: skip
     m = report["manifold"]
     lines += ["", f"{'features':<10} " + " ".join(f"{k:>16}" for k in m["true"])]
     for name in ("true", "generated"):

@@ -2,8 +2,10 @@
 
 `train` is what `python -m training train` calls. With `jobs=2` the understanding/generation chain
 runs in a second process beside the target-encoder/decoder chain (generation polls for the
-finished target encoder); the defaults take 62 min on 2 CPU cores this way, the second chain's
-single thread being the critical path.
+finished target encoder), one torch thread each. On 2 idle CPU cores the defaults take about
+100 minutes this way: target encoder ~17 + VAE ~12 + UNet ~60 on one core, understanding ~42 +
+stage 2 ~50 on the other (the two chains are balanced; checkpoints/tiny/MODEL_CARD.md has the
+measured stage times).
 """
 
 from __future__ import annotations
