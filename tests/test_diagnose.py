@@ -90,3 +90,22 @@ def test_objects_read_from_a_true_cell_map_pass_the_judges():
     assert passes("position", spec, found, strict=True)
     wrong = parse_caption("a red circle to the right of a blue square")
     assert not passes("position", wrong, found)
+
+
+def test_the_target_encoder_round_trips_beside_a_checkpoint(tmp_path):
+    import pytest
+
+    from training.config import from_preset
+    from training.model.target_encoder import TargetEncoder
+    from training.train.publish import load_target_encoder_folder, save_target_encoder
+
+    torch.manual_seed(0)
+    encoder = TargetEncoder(from_preset("tiny").target_encoder).eval()
+    stats = {"mean": torch.randn(32), "std": torch.rand(32) + 0.5}
+    save_target_encoder(encoder, stats, tmp_path / "target_encoder")
+    loaded, loaded_stats = load_target_encoder_folder(tmp_path / "target_encoder")
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(loaded.normalize(images)), encoder(encoder.normalize(images)))
+    torch.testing.assert_close(loaded_stats["std"], stats["std"])
+    with pytest.raises(FileNotFoundError, match="no target encoder"):
+        load_target_encoder_folder(tmp_path / "missing")

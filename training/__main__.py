@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--run",
         type=Path,
-        required=True,
+        default=None,
         help="run folder with a trained target "
         "encoder (and, without --checkpoint, a finished decoder and generation stage)",
     )

@@ -54,7 +54,9 @@ GRID = 8  # the feature grid: 8x8 tokens, each an 8x8-pixel cell of the 64x64 im
 CELL = IMAGE_SIZE // GRID
 BACKGROUND = len(COLORS)  # the cell probe's class for "no ink"
 INK_MIN_DISTANCE = 60.0  # a pixel farther than this from white is ink
-SMEAR_FRACTION = 0.05  # an image whose ink is more than this off-palette is smeared
+# an image whose ink is more than this off-palette is smeared: ~3x the off-palette edge ink of
+# the decoder's images from true features (0.047 on checkpoints/tiny; 0.05 flagged half of those)
+SMEAR_FRACTION = 0.15
 FAILURES = ("missing", "extra", "miscolored", "miscount", "misplaced", "smeared")
 
 
