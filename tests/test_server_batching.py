@@ -88,8 +88,8 @@ def test_incompatible_requests_do_not_share_a_call(gen):
     scheduler = Scheduler(gen)
     try:
         tasks = [
-            task(gen, "a red circle", 1, guidance=3.0),
-            task(gen, "a red circle", 1, guidance=2.0),
+            task(gen, "two blue squares", 1, guidance=3.0),  # inked at 3 + 4 steps
+            task(gen, "two blue squares", 1, guidance=2.0),
         ]
         run_all(scheduler, tasks)
         assert scheduler.calls["dit"] == 2 * STEPS  # guidance differs: one call each per step
