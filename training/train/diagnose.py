@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from training.data.shapes import COLORS, IMAGE_SIZE, RELATIONS, SHAPES, sample_scene, shape_mask
-from training.eval.detect import Detection, classify_pixels, detect
+from training.eval.detect import Detection, classify_pixels, components, detect
 from training.eval.geneval import (
     TASKS,
     check,
@@ -41,7 +41,7 @@ from training.eval.geneval import (
     passes,
     scene_for_prompt,
 )
-from training.flow import NUM_TRAIN_TIMESTEPS, add_noise
+from training.flow import NUM_TRAIN_TIMESTEPS, add_noise, host_noise
 from training.model.blip3o import BLIP3o
 from training.pipeline import ReferencePipeline, to_pil
 from training.train import encoders as enc
@@ -163,26 +163,10 @@ def predict(probe: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def feature_objects(cells: torch.Tensor) -> int:
-    """Objects in an (64,) cell-class map: 4-connected groups of cells of one color."""
+    """Objects in an (64,) cell-class map: 4-connected groups of cells of one color (the
+    detector's `components` over the 8x8 grid)."""
     grid = cells.view(GRID, GRID).numpy()
-    seen = np.zeros_like(grid, dtype=bool)
-    count = 0
-    for r in range(GRID):
-        for c in range(GRID):
-            if grid[r, c] == BACKGROUND or seen[r, c]:
-                continue
-            count += 1
-            stack = [(r, c)]
-            seen[r, c] = True
-            while stack:
-                y, x = stack.pop()
-                for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                    ny, nx = y + dy, x + dx
-                    if 0 <= ny < GRID and 0 <= nx < GRID and not seen[ny, nx]:
-                        if grid[ny, nx] == grid[r, c]:
-                            seen[ny, nx] = True
-                            stack.append((ny, nx))
-    return count
+    return sum(len(components(grid == c)) for c in np.unique(grid) if c != BACKGROUND)
 
 
 def probe_targets(encoder, stats, *, train: int = 3000, test: int = 600, seed: int = 7) -> dict:
@@ -298,29 +282,17 @@ def neighbourhoods(feats: torch.Tensor) -> torch.Tensor:
 
 
 def read_objects(cells: torch.Tensor) -> list[Detection]:
-    """Detections (pixel coordinates) from one (64,) map of `object_cells` classes."""
+    """Detections (pixel coordinates) from one (64,) map of `object_cells` classes: the
+    detector's `components` of each color's cells, shaped by their cells' majority."""
     grid = cells.view(GRID, GRID).numpy()
     color_of = np.where(grid > 0, (grid - 1) // len(SHAPES), -1)
-    seen = np.zeros_like(grid, dtype=bool)
     found = []
-    for r in range(GRID):
-        for c in range(GRID):
-            if color_of[r, c] < 0 or seen[r, c]:
-                continue
-            members, stack = [], [(r, c)]
-            seen[r, c] = True
-            while stack:
-                y, x = stack.pop()
-                members.append((y, x))
-                for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                    if 0 <= ny < GRID and 0 <= nx < GRID and not seen[ny, nx]:
-                        if color_of[ny, nx] == color_of[r, c]:
-                            seen[ny, nx] = True
-                            stack.append((ny, nx))
-            shapes = [(grid[y, x] - 1) % len(SHAPES) for y, x in members]
-            ys, xs = np.array([m[0] for m in members]), np.array([m[1] for m in members])
+    for color in range(len(COLORS)):
+        for members in components(color_of == color):
+            ys, xs = members // GRID, members % GRID
+            shapes = (grid[ys, xs] - 1) % len(SHAPES)
             found.append(Detection(
-                color=COLORS[color_of[r, c]],
+                color=COLORS[color],
                 shape=SHAPES[np.bincount(shapes).argmax()],
                 area=len(members) * CELL * CELL,
                 bbox=(int(xs.min()) * CELL, int(ys.min()) * CELL,
@@ -421,7 +393,7 @@ def diagnose(
     cond, true = torch.cat(conds), torch.cat(true)  # (N, 64, H), (N, 64, C)
     for start in range(0, len(keys), 64):
         chunk = keys[start : start + 64]
-        noise = torch.cat([torch.from_numpy(_noise(seed, pipe)) for _, seed in chunk])
+        noise = torch.cat([host_noise(seed, pipe._feature_shape(1))[0] for _, seed in chunk])
         gen.append(pipe.sample_tokens(cond[start : start + len(chunk)], noise, steps=s.steps,
                                       guidance=s.guidance))  # fmt: skip
     gen = torch.cat(gen)
@@ -471,11 +443,6 @@ def diagnose(
         pipe, encoder, stats, noise_levels, per_task=fragility_per_task, seeds=fragility_seeds
     )
     return report
-
-
-def _noise(seed: int, pipe: ReferencePipeline) -> np.ndarray:
-    shape = pipe._feature_shape(1)
-    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def _cells(probe, feats: torch.Tensor) -> torch.Tensor:
